@@ -1,0 +1,98 @@
+"""The contract every scoring backend implements, and the small value objects that cross the Ray boundary.
+
+A backend loads the base model once, keeps donors resident, and turns (donors, encoded sample) into per-donor
+sums. Sums, not means, so that the driver can add up partial results exactly (DESIGN.md §2 token-weighted loss).
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from engine.config import StrictModel
+from engine.data import EncodedSample
+
+BASE = "__base__"
+
+
+@dataclass(frozen=True)
+class DonorRequest:
+    """What an actor needs to score one donor: an id, a local adapter folder, and a stable integer id (from 1)."""
+
+    donor: str
+    path: str
+    int_id: int
+
+    @property
+    def is_base(self) -> bool:
+        return self.donor == BASE
+
+
+BASE_REQUEST = DonorRequest(BASE, "", 0)
+
+
+@dataclass
+class DonorScore:
+    donor: str
+    nll_sum: float = 0.0
+    n_correct: int = 0
+    n_tokens: int = 0
+    n_examples: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def loss(self) -> float:
+        return self.nll_sum / self.n_tokens if self.n_tokens else math.nan
+
+    @property
+    def token_accuracy(self) -> float:
+        return self.n_correct / self.n_tokens if self.n_tokens else math.nan
+
+
+class BackendOptions(StrictModel):
+    """Options every backend understands; a backend subclasses this for its own."""
+
+    device: str = Field("auto", description="'auto' picks cuda when available, else cpu")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto' is bfloat16 on GPU and float32 on CPU"
+    )
+    max_resident: int = Field(16, ge=2, description="adapters kept loaded in the actor (LRU)")
+    batch_tokens: int = Field(8192, ge=64, description="padded tokens per forward pass")
+    trust_remote_code: bool = False
+
+
+class Backend(ABC):
+    name: ClassVar[str]
+    Options: ClassVar[type[BackendOptions]] = BackendOptions
+
+    def __init__(self, base: str, options: BackendOptions):
+        self.base = base
+        self.options = options
+
+    @abstractmethod
+    def score(self, donors: list[DonorRequest], sample: EncodedSample) -> list[DonorScore]:
+        """Score each donor on the whole sample; a donor that fails gets `error` set, never an exception."""
+
+    def resident(self) -> list[str]:
+        """Donor ids currently loaded; for tests and logs."""
+        return []
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)

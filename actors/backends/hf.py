@@ -1,0 +1,157 @@
+"""transformers + PEFT backend: one resident base, an LRU of PEFT adapters, mixed-adapter batches.
+
+Every forward pass mixes rows of several donors (PEFT `adapter_names`): the base layers run once per batch and
+each LoRA only on its own rows, which is where the speed-up over a load-forward-unload loop comes from.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+from pydantic import Field
+
+from actors.adapter_cache import AdapterLRU
+from actors.backends.base import (
+    BASE,
+    Backend,
+    BackendOptions,
+    DonorRequest,
+    DonorScore,
+    resolve_device,
+    resolve_dtype,
+)
+from actors.losses import completion_stats, left_pad
+from engine.data import EncodedSample
+
+
+class HFOptions(BackendOptions):
+    mixed_batch: bool = Field(True, description="put several donors in one forward pass")
+
+
+class HFBackend(Backend):
+    name = "hf"
+    Options = HFOptions
+
+    def __init__(self, base: str, options: HFOptions):
+        from transformers import AutoModelForCausalLM
+
+        super().__init__(base, options)
+        self.device = resolve_device(options.device)
+        self.dtype = resolve_dtype(options.dtype, self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            base, dtype=self.dtype, trust_remote_code=options.trust_remote_code
+        ).to(self.device)
+        self.model.eval()
+        self.pad_id = self.model.config.pad_token_id or 0
+        self.peft = None
+        self._paths: dict[str, DonorRequest] = {}
+        self.lru: AdapterLRU[str] = AdapterLRU(options.max_resident, self._load, self._unload)
+
+    @staticmethod
+    def adapter_name(req: DonorRequest) -> str:
+        return BASE if req.is_base else f"d{req.int_id}"
+
+    def _load(self, name: str) -> None:
+        from peft import PeftModel
+
+        path = self._paths[name].path
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
+            self.peft.eval()
+        else:
+            self.peft.load_adapter(path, adapter_name=name, is_trainable=False)
+
+    def _unload(self, name: str) -> None:
+        if len(self.peft.peft_config) > 1:
+            if name in self.peft.active_adapters:
+                self.peft.set_adapter(next(a for a in self.peft.peft_config if a != name))
+            self.peft.delete_adapter(name)
+
+    def resident(self) -> list[str]:
+        return [self._paths[n].donor for n in self.lru.keys()]
+
+    def score(self, donors: list[DonorRequest], sample: EncodedSample) -> list[DonorScore]:
+        results: dict[str, DonorScore] = {}
+        loadable = []
+        for req in donors:
+            try:
+                self._ensure([req])
+                loadable.append(req)
+            except Exception as exc:  # noqa: BLE001 - a donor's failure must not fail its batch
+                results[req.donor] = DonorScore(req.donor, error=f"adapter failed to load: {_short(exc)}")
+        groups = [loadable] if self.options.mixed_batch else [[r] for r in loadable]
+        for group in groups:
+            try:
+                results.update(self._score_group(group, sample))
+            except Exception:  # noqa: BLE001 - isolate the culprit by rescoring one donor at a time
+                for req in group:
+                    try:
+                        results.update(self._score_group([req], sample))
+                    except Exception as exc:  # noqa: BLE001
+                        results[req.donor] = DonorScore(req.donor, error=f"forward failed: {_short(exc)}")
+        return [results[r.donor] for r in donors]
+
+    def _ensure(self, reqs: list[DonorRequest]) -> None:
+        names = [self.adapter_name(r) for r in reqs if not r.is_base]
+        for r in reqs:
+            self._paths[self.adapter_name(r)] = r
+        self.lru.ensure(names)
+
+    @torch.inference_mode()
+    def _score_group(self, group: list[DonorRequest], sample: EncodedSample) -> dict[str, DonorScore]:
+        if not group:
+            return {}
+        t0 = time.perf_counter()
+        self._ensure(group)
+        rows = sorted(
+            ((len(ex.input_ids), i, req) for req in group for i, ex in enumerate(sample.examples)),
+            key=lambda t: (t[0], t[2].int_id, t[1]),
+        )
+        acc = defaultdict(lambda: [0.0, 0, 0])
+        for chunk in _chunks_by_tokens(rows, self.options.batch_tokens):
+            batch = left_pad([sample.examples[i] for _, i, _ in chunk], self.pad_id, self.device)
+            inputs = dict(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                logits_to_keep=batch.keep,
+            )
+            names = [self.adapter_name(req) for _, _, req in chunk]
+            if self.peft is None:
+                if any(n != BASE for n in names):
+                    raise RuntimeError("adapter rows without a loaded adapter")
+                logits = self.model(**inputs).logits
+            else:
+                logits = self.peft(**inputs, adapter_names=names).logits
+            nll, hits, ntok = completion_stats(logits, batch)
+            for (_, _, req), a, b, c in zip(chunk, nll.tolist(), hits.tolist(), ntok.tolist()):
+                s = acc[req.donor]
+                s[0] += a
+                s[1] += b
+                s[2] += c
+        seconds = (time.perf_counter() - t0) / len(group)
+        out = {}
+        for req in group:
+            nll_sum, n_correct, n_tokens = acc[req.donor]
+            score = DonorScore(req.donor, nll_sum, n_correct, n_tokens, len(sample.examples), seconds)
+            if not torch.isfinite(torch.tensor(score.loss)):
+                score.error = f"non-finite loss ({score.loss}); the adapter's weights are likely corrupt"
+            out[req.donor] = score
+        return out
+
+
+def _chunks_by_tokens(rows: list, budget: int):
+    chunk: list = []
+    for row in rows:
+        if chunk and row[0] * (len(chunk) + 1) > budget:
+            yield chunk
+            chunk = []
+        chunk.append(row)
+    if chunk:
+        yield chunk
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
