@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# Hub code is exercised offline against a cache this session lays out (engine.testing.publish_to_hf_cache).
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="mashup-hf-cache-")
 
 POOL_SEEDS = (1, 2, 3, 4, 5)
 

@@ -1,0 +1,118 @@
+"""Donor sources → donor entries: directories, JSONL manifests, `hf://` repos and `hf-collection://` collections.
+
+The catalog only names donors and checks where they live (no file escapes its root, ids are unique). Whether a
+donor fits the base is decided later, next to the files, by `engine.validate` (on the node that scores it).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from engine.errors import ConfigError
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class DonorEntry:
+    donor: str
+    path: str  # a local folder, or an hf:// URI fetched where the donor is scored
+    root: str | None = None  # files must resolve inside this folder (None for Hub snapshots)
+    meta: dict[str, Any] = field(default_factory=dict)
+    revision: str | None = None
+    error: str | None = None  # set when the catalog already knows the donor is unusable
+
+    @property
+    def is_hub(self) -> bool:
+        return self.path.startswith("hf://")
+
+
+def inside(root: str | Path, path: str | Path) -> bool:
+    """True when `path`, with symlinks resolved, lies inside `root`."""
+    root_r = Path(root).resolve()
+    return Path(path).resolve().is_relative_to(root_r)
+
+
+def from_directory(root: Path) -> list[DonorEntry]:
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        if ADAPTER_CONFIG in filenames or "adapter_model.safetensors" in filenames or "adapter_model.bin" in filenames:
+            rel = Path(dirpath).relative_to(root).as_posix()
+            donor = rel if rel != "." else root.name
+            entry = DonorEntry(donor, str(Path(dirpath)), str(root))
+            if not inside(root, dirpath):
+                entry.error = f"path escapes the pool root {root}"
+            entries.append(entry)
+    return entries
+
+
+def from_manifest(manifest: Path) -> list[DonorEntry]:
+    root = manifest.parent
+    entries = []
+    with manifest.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{manifest}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not isinstance(row.get("path"), str):
+                raise ConfigError(f"{manifest}:{lineno}: each line needs string fields 'id' and 'path'")
+            meta = {k: v for k, v in row.items() if k not in ("id", "path")}
+            raw = row["path"]
+            if raw.startswith("hf://"):
+                entries.append(DonorEntry(row["id"], raw, None, meta, revision=_revision(raw)))
+                continue
+            path = (root / raw) if not os.path.isabs(raw) else Path(raw)
+            entry = DonorEntry(row["id"], str(path), str(root), meta)
+            if not inside(root, path):
+                entry.error = f"manifest path {raw!r} escapes the manifest folder {root}"
+            entries.append(entry)
+    return entries
+
+
+def _revision(uri: str) -> str | None:
+    return uri.partition("@")[2] or None
+
+
+def from_source(source: str) -> list[DonorEntry]:
+    """One user-given source string → its donors."""
+    if source.startswith("hf-collection://"):
+        from engine.hub import collection_items
+
+        return [DonorEntry(uri[len("hf://"):], uri, revision=_revision(uri)) for uri in collection_items(source)]
+    if source.startswith("hf://"):
+        return [DonorEntry(source[len("hf://"):], source, revision=_revision(source))]
+    p = Path(source)
+    if p.is_dir():
+        return from_directory(p)
+    if p.is_file() and p.suffix in (".jsonl", ".json"):
+        return from_manifest(p)
+    raise ConfigError(f"donors: {source!r} is not a folder, a .jsonl manifest, hf://… or hf-collection://…")
+
+
+def build_catalog(sources: Iterable[str]) -> list[DonorEntry]:
+    """All donors of all sources; a repeated id is kept once and each repeat is marked failed, never dropped silently."""
+    seen: dict[str, DonorEntry] = {}
+    out: list[DonorEntry] = []
+    for source in sources:
+        for entry in from_source(source):
+            if entry.donor == "__base__":
+                entry.error = "the id '__base__' is reserved for the base model"
+            if entry.donor in seen:
+                first = seen[entry.donor]
+                entry = DonorEntry(
+                    f"{entry.donor}#dup{len(out)}", entry.path, entry.root, entry.meta, entry.revision,
+                    error=f"duplicate donor id {entry.donor!r} (first seen at {first.path})",
+                )
+            else:
+                seen[entry.donor] = entry
+            out.append(entry)
+    if not out:
+        raise ConfigError(f"donors: no adapters found in {list(sources)}")
+    return out

@@ -1,0 +1,118 @@
+"""Scoring orchestration: spread donors over N resident-base actors, store rows as they finish, resume on rerun.
+
+Failure policy: a donor's own failure is a `failed` row (decided in the actor). A dead actor (killed process,
+lost node) costs a retry: its batch is requeued onto a fresh actor, up to `max_retries` times per batch. A batch
+that exceeds `batch_timeout_s` is split so the donor that hangs is isolated and the others are rescored.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from engine.config import StrictModel
+from engine.errors import ConfigError
+
+log = logging.getLogger("mashup.score")
+
+
+class ScoreConfig(StrictModel):
+    base: str = Field(description="base model folder or hf://org/name[@rev]")
+    donors: list[str] = Field(min_length=1, description="donor sources: folders, manifests, hf://, hf-collection://")
+    data: Path
+    out: Path
+    samples: int | None = Field(256, ge=1, description="examples scored per donor (None: all)")
+    seed: int = 0
+    chat_template: bool = False
+    backend: str = "hf"
+    backend_options: dict[str, Any] = Field(default_factory=dict)
+    actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float | Literal["auto"] = "auto"
+    placement: Literal["pack", "spread"] = "spread"
+    donors_per_call: int = Field(8, ge=1, description="donors per actor call (and per mixed forward)")
+    max_retries: int = Field(3, ge=0, description="actor deaths tolerated per batch")
+    batch_timeout_s: float | None = Field(None, gt=0, description="kill and split a batch that takes longer")
+    strict_base_name: bool = False
+    check_finite: bool = True
+    ray_address: str | None = Field(None, description="cluster address; none starts a local Ray (or uses RAY_ADDRESS)")
+
+    @field_validator("samples", mode="before")
+    @classmethod
+    def _all(cls, v: Any) -> Any:
+        return None if v in ("all", 0) else v
+
+    def backend_opts(self):
+        from actors.backends import get_backend
+
+        cls = get_backend(self.backend)
+        try:
+            opts = cls.Options.model_validate(self.backend_options)
+        except Exception as exc:  # pydantic ValidationError → one line
+            from engine.config import format_validation_error
+
+            raise ConfigError(format_validation_error(exc, "backend_options")) from None
+        if opts.max_resident < self.donors_per_call + 1:
+            raise ConfigError(
+                f"backend_options.max_resident ({opts.max_resident}) must exceed donors_per_call ({self.donors_per_call})"
+            )
+        return opts
+
+
+@dataclass
+class ScoreSummary:
+    out: Path
+    scored: int = 0
+    failed: int = 0
+    skipped_done: int = 0
+    retries: int = 0
+    seconds: float = 0.0
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+def prepare_sample(cfg: ScoreConfig):
+    """Load, sample, tokenize and check the data on the driver (tokenizer only, never the model)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from engine.data import encode_sample, load_jsonl, sample_examples
+    from engine.hub import resolve_base
+
+    base = resolve_base(cfg.base)
+    trust = cfg.backend_opts().trust_remote_code
+    tok = AutoTokenizer.from_pretrained(base, trust_remote_code=trust)
+    model_cfg = AutoConfig.from_pretrained(base, trust_remote_code=trust)
+    examples = sample_examples(load_jsonl(cfg.data), cfg.samples, cfg.seed)
+    return encode_sample(
+        tok, examples, getattr(model_cfg, "max_position_embeddings", None), cfg.chat_template, str(cfg.data), salt=cfg.base
+    )
+
+
+def score(cfg: ScoreConfig) -> ScoreSummary:
+    """Score every donor not already `ok` for this sample; safe to rerun after any interruption."""
+    from engine.catalog import build_catalog
+    from engine.scoring_pool import ActorPoolRunner
+    from engine.store import ScoreStore
+
+    t0 = time.perf_counter()
+    opts = cfg.backend_opts()
+    sample = prepare_sample(cfg)
+    catalog = build_catalog(cfg.donors)
+    store = ScoreStore(cfg.out)
+    done = store.completed(sample.fingerprint)
+    summary = ScoreSummary(cfg.out)
+    pending = [e for e in catalog if e.donor not in done]
+    summary.skipped_done = len(catalog) - len(pending)
+    include_base = "__base__" not in done
+    log.info("%d donors (%d already scored for sample %s), %d examples, %d completion tokens",
+             len(catalog), summary.skipped_done, sample.fingerprint, len(sample.examples), sample.n_tokens)
+    if pending or include_base:
+        runner = ActorPoolRunner(cfg, opts.model_dump(), sample, store)
+        runner.run(pending, include_base, summary)
+    store.compact()
+    summary.seconds = time.perf_counter() - t0
+    return summary

@@ -1,0 +1,128 @@
+"""The append-only score store: `<out>/scores.parquet` plus a write-ahead journal beside it.
+
+Every finished row is appended to `scores.journal.jsonl` at once (one line, flushed and fsynced), so a killed
+driver loses nothing it has recorded. The parquet file is rewritten from journal + previous parquet through a
+temporary file and `os.replace`, so readers never see a torn file. A torn last journal line is ignored.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA = pa.schema(
+    [
+        ("donor", pa.string()),
+        ("loss", pa.float64()),
+        ("token_accuracy", pa.float64()),
+        ("n_examples", pa.int64()),
+        ("n_tokens", pa.int64()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("backend", pa.string()),
+        ("seconds", pa.float64()),
+        ("sample_id", pa.string()),
+        ("path", pa.string()),
+        ("meta", pa.string()),
+        ("revision", pa.string()),
+        ("round", pa.int64()),
+        ("written_at", pa.float64()),
+    ]
+)
+KEY = ["donor", "sample_id", "round"]
+SCORES = "scores.parquet"
+JOURNAL = "scores.journal.jsonl"
+
+
+def _normalise(row: dict[str, Any]) -> dict[str, Any]:
+    out = {name: row.get(name) for name in SCHEMA.names}
+    out["round"] = int(out["round"] or 0)
+    out["written_at"] = out["written_at"] or time.time()
+    if isinstance(out["meta"], dict):
+        out["meta"] = json.dumps(out["meta"], sort_keys=True)
+    return out
+
+
+def _read_journal(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if path.exists():
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a torn final line from a killed writer
+    return rows
+
+
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return pa.Table.from_pylist([_normalise(r) for r in rows], schema=SCHEMA).to_pandas()
+
+
+def read_scores(path: str | Path) -> pd.DataFrame:
+    """All rows, deduplicated on (donor, sample_id, round), last write wins; accepts the folder or the parquet file."""
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    frames = []
+    if (folder / SCORES).exists():
+        frames.append(pq.read_table(folder / SCORES).to_pandas())
+    journal = _read_journal(folder / JOURNAL)
+    if journal:
+        frames.append(_frame(journal))
+    if not frames:
+        return _frame([])
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    df = df.sort_values("written_at", kind="stable").drop_duplicates(KEY, keep="last")
+    return df.reset_index(drop=True)
+
+
+class ScoreStore:
+    """Appends rows durably; `compact()` folds the journal into the parquet file atomically."""
+
+    def __init__(self, out_dir: str | Path, compact_every_s: float = 5.0):
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.parquet = self.dir / SCORES
+        self.journal = self.dir / JOURNAL
+        self.compact_every_s = compact_every_s
+        self._last_compact = time.monotonic()
+
+    def read(self) -> pd.DataFrame:
+        return read_scores(self.dir)
+
+    def completed(self, sample_id: str, round_: int = 0) -> set[str]:
+        """Donors already `ok` for this sample: a resume never scores them again."""
+        df = self.read()
+        done = df[(df.status == "ok") & (df.sample_id == sample_id) & (df["round"] == round_)]
+        return set(done.donor)
+
+    def append(self, rows: Iterable[dict[str, Any]]) -> None:
+        rows = [_normalise(r) for r in rows]
+        if not rows:
+            return
+        with self.journal.open("a", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        if time.monotonic() - self._last_compact >= self.compact_every_s:
+            self.compact()
+
+    def compact(self) -> None:
+        df = self.read()
+        tmp = self.parquet.with_name(f".{SCORES}.{os.getpid()}.tmp")
+        pq.write_table(pa.Table.from_pandas(df, schema=SCHEMA, preserve_index=False), tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.parquet)
+        # Rows now live in the parquet file; truncating the journal after the replace keeps them exactly once.
+        with self.journal.open("w", encoding="utf-8") as fh:
+            fh.flush()
+            os.fsync(fh.fileno())
+        self._last_compact = time.monotonic()

@@ -1,0 +1,59 @@
+"""The hf backend against an independent computation: one PeftModel.from_pretrained per donor, plain forward."""
+import pytest
+import torch
+
+from actors.backends.base import BASE_REQUEST, DonorRequest
+from actors.backends.hf import HFBackend, HFOptions
+from engine.data import encode_sample, load_jsonl
+from engine.testing import peft_reference_loss as reference_loss
+
+
+@pytest.fixture(scope="module")
+def sample(tokenizer, task_file):
+    return encode_sample(tokenizer, load_jsonl(task_file))
+
+
+@pytest.fixture(scope="module")
+def requests(pool_dir):
+    folders = sorted(pool_dir.glob("*/*"))
+    return [DonorRequest(f.relative_to(pool_dir).as_posix(), str(f), i + 1) for i, f in enumerate(folders)]
+
+
+@pytest.fixture(scope="module")
+def backend(base_dir):
+    return HFBackend(str(base_dir), HFOptions(max_resident=8, batch_tokens=512))
+
+
+def test_mixed_batch_matches_independent_peft(backend, base_dir, sample, requests):
+    scores = backend.score([BASE_REQUEST, *requests], sample)
+    losses = [s.loss for s in scores]
+    assert len(set(round(x, 4) for x in losses)) == len(losses), "donors should differ from each other and the base"
+    for req, s in zip([None, *requests], scores):
+        loss, acc = reference_loss(base_dir, req.path if req else None, sample)
+        assert s.error is None
+        assert abs(s.loss - loss) < 1e-5, (s.donor, s.loss, loss)
+        assert abs(s.token_accuracy - acc) < 1e-9
+        assert s.n_tokens == sample.n_tokens and s.n_examples == len(sample.examples)
+
+
+def test_mixed_batch_equals_one_donor_at_a_time(base_dir, sample, requests):
+    mixed = HFBackend(str(base_dir), HFOptions(max_resident=8, batch_tokens=512)).score(requests, sample)
+    alone = HFBackend(str(base_dir), HFOptions(max_resident=2, mixed_batch=False))
+    for req, m in zip(requests, mixed):
+        [s] = alone.score([req], sample)
+        assert abs(s.loss - m.loss) < 1e-5 and s.n_correct == m.n_correct
+
+
+def test_lru_evicts_and_reloads_without_changing_results(base_dir, sample, requests):
+    small = HFBackend(str(base_dir), HFOptions(max_resident=2))
+    first = [small.score([r], sample)[0].loss for r in requests]
+    assert len(small.resident()) == 2 and small.lru.evictions == len(requests) - 2
+    again = small.score([requests[0]], sample)[0].loss
+    assert abs(again - first[0]) < 1e-6
+
+
+def test_a_donor_that_fails_to_load_does_not_fail_its_batch(backend, sample, requests, tmp_path):
+    broken = DonorRequest("broken", str(tmp_path / "missing"), 99)
+    scores = backend.score([requests[0], broken], sample)
+    assert scores[0].error is None
+    assert scores[1].error.startswith("adapter failed to load")

@@ -1,0 +1,49 @@
+import json
+
+import pytest
+
+from engine.catalog import build_catalog, from_directory
+from engine.errors import ConfigError
+
+
+def test_directory_ids_are_relative_paths(pool_dir):
+    ids = [e.donor for e in from_directory(pool_dir)]
+    assert ids == ["qkvo/donor2", "qkvo/donor4", "qv/donor1", "qv/donor3", "qv/donor5"]
+
+
+def test_manifest_paths_cannot_escape(escaping_manifest):
+    entries = {e.donor: e for e in build_catalog([str(escaping_manifest)])}
+    for donor in ("escape", "symlinked", "absolute"):
+        assert "escapes the manifest folder" in entries[donor].error
+
+
+def test_manifest_keeps_metadata_and_resolves_relative(tmp_path, pool_dir):
+    import shutil
+
+    shutil.copytree(pool_dir / "qv" / "donor1", tmp_path / "d1")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": "x", "path": "d1", "step": 500}) + "\n")
+    [entry] = build_catalog([str(tmp_path / "m.jsonl")])
+    assert entry.error is None and entry.meta == {"step": 500} and entry.path == str(tmp_path / "d1")
+
+
+def test_duplicate_ids_are_reported_not_dropped(tmp_path, pool_dir):
+    import shutil
+
+    shutil.copytree(pool_dir / "qv" / "donor1", tmp_path / "d1")
+    rows = [{"id": "same", "path": "d1"}, {"id": "same", "path": "d1"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    entries = build_catalog([str(tmp_path / "m.jsonl")])
+    assert len(entries) == 2 and entries[0].error is None
+    assert "duplicate donor id 'same'" in entries[1].error
+
+
+def test_hub_sources_parse_revision():
+    [entry] = build_catalog(["hf://org/adapter@v2"])
+    assert entry.donor == "org/adapter@v2" and entry.is_hub and entry.revision == "v2"
+
+
+def test_unknown_source_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="not a folder"):
+        build_catalog([str(tmp_path / "nope")])
+    with pytest.raises(ConfigError, match="no adapters found"):
+        build_catalog([str(tmp_path)])
