@@ -55,6 +55,7 @@ def build_tiny_llama(
     max_positions: int = 256,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    vocab_size: int | None = None,
 ) -> Path:
     """Random-init Llama saved as safetensors with its tokenizer; a few MB, under a second."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -63,7 +64,7 @@ def build_tiny_llama(
     if tokenizer is None:
         tokenizer = train_tokenizer(out)
     cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),  # larger than the tokenizer: a realistic LM-head cost
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
         num_hidden_layers=num_layers,

@@ -1,0 +1,40 @@
+# Everything a fresh machine needs: `make demo` runs the main job, `make test` runs the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+# A stable compile cache: DeepSpeed builds its CPU ops once per machine, not once per run.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/mashup/torch_extensions
+export RAY_USAGE_STATS_ENABLED := 0
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test test-fast test-vllm demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build on CPU machines.
+	$(BIN)/pip install -q torch==2.13.0
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[dev,deepspeed]"
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+test: install
+	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q
+
+test-fast: install
+	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -m "not slow"
+
+test-vllm:
+	bash .ci/vllm.sh
+
+demo: install
+	RAY_AUTH_MODE=disabled $(BIN)/python -m bench.tiny_pool .cache/demo
+	RAY_AUTH_MODE=disabled $(BIN)/mashup score --config configs/demo_score.yaml
+
+bench: install
+	RAY_AUTH_MODE=disabled $(BIN)/python -m bench.bench_scoring
+
+clean:
+	rm -rf .cache/demo runs
