@@ -1,0 +1,68 @@
+"""`finetune(config) -> FinetuneResult`: the stage's Python entry point, shared by the CLI and `mashup run`."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.finetune.common import load_task, load_tokenizer
+from engine.finetune.config import FinetuneConfig
+from engine.finetune.outputs import ADAPTER_DIR, CHECKPOINTS_DIR, read_log
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneResult:
+    adapter: Path
+    log: list[dict[str, Any]]
+    seconds: float
+    checkpoints: list[Path] = field(default_factory=list)
+
+    def frame(self):
+        """The per-step log as a DataFrame (one row per train step and per evaluation)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.log)
+
+    def evals(self) -> list[dict[str, Any]]:
+        return [r for r in self.log if r["event"] == "eval"]
+
+    def train_losses(self) -> list[float]:
+        return [r["loss"] for r in self.log if r["event"] == "train"]
+
+
+def finetune(config: FinetuneConfig) -> FinetuneResult:
+    """Train a LoRA from `config.init` (or from scratch) and return where the adapter is and what happened."""
+    t0 = time.perf_counter()
+    _preflight(config)
+    if config.executor == "deepspeed":
+        from engine.finetune.deepspeed_ray import run_deepspeed
+
+        run_deepspeed(config)
+    else:
+        from engine.finetune.single import run_single
+
+        run_single(config)
+    out = config.out_path
+    checkpoints = sorted((out / CHECKPOINTS_DIR).glob("step-*")) if (out / CHECKPOINTS_DIR).is_dir() else []
+    return FinetuneResult(out / ADAPTER_DIR, read_log(out), time.perf_counter() - t0, checkpoints)
+
+
+def _preflight(config: FinetuneConfig) -> None:
+    """Fail on user errors (missing files, bad data) in the driver, in seconds, before any worker starts."""
+    from transformers import AutoConfig
+
+    from engine.errors import ConfigError
+
+    tokenizer = load_tokenizer(config)
+    model_config = AutoConfig.from_pretrained(config.base, trust_remote_code=config.trust_remote_code)
+    data = load_task(config, tokenizer, getattr(model_config, "max_position_embeddings", None))
+    if config.init is not None and not Path(config.init, "adapter_config.json").is_file():
+        raise ConfigError(f"init: {config.init} is not a PEFT adapter directory (no adapter_config.json)")
+    log.info(
+        "finetune: %s examples, %s steps x %s, init=%s, executor=%s",
+        len(data.train), config.steps, config.batch_size, config.init or "fresh LoRA", config.executor,
+    )

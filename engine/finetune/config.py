@@ -1,0 +1,91 @@
+"""The finetune stage's configuration: one model for both executors, so that a merged-init run and its scratch
+baseline differ only in `init`, and a DeepSpeed run and a single-process run only in `executor`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from engine.config import StrictModel
+
+
+class LoraSettings(StrictModel):
+    """The fresh LoRA of a scratch run. With an `init` adapter its own r/alpha/target_modules are kept instead."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1, description="applied to scratch and init adapters alike")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+
+
+class DeepSpeedSettings(StrictModel):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one process per worker)")
+    use_gpu: bool = Field(False, description="one GPU per worker and NCCL; otherwise CPU and gloo")
+    cpus_per_worker: float = Field(1, gt=0)
+    zero_stage: Literal[0, 1, 2] = 2
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="merged over the generated DeepSpeed config (advanced)"
+    )
+
+
+class FinetuneConfig(StrictModel):
+    base: str = Field(..., description="base model directory (safetensors)")
+    data: str = Field(..., description="training JSONL (prompt, completion)")
+    out: str = Field(..., description="output directory: adapter/, checkpoints/, log.jsonl, log.parquet")
+    init: str | None = Field(None, description="merged PEFT adapter to start from; None or 'none' = fresh LoRA")
+    eval: str | None = Field(None, description="held-out JSONL evaluated at step 0, every eval_every steps, and at the end")
+
+    executor: Literal["single", "deepspeed"] = "single"
+    seed: int = 0
+    steps: int = Field(100, ge=1, description="optimizer steps (the fixed budget)")
+    batch_size: int = Field(8, ge=1, description="examples per optimizer step, over all workers")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step on each worker")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="None disables clipping")
+
+    eval_every: int = Field(0, ge=0, description="0 = only at step 0 and at the end")
+    eval_samples: int | None = Field(None, ge=1, description="seeded subset of the eval file")
+    eval_batch_tokens: int = Field(8192, ge=64)
+    save_every: int = Field(0, ge=0, description="adapter checkpoints every N steps; 0 = final adapter only")
+
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
+    device: str = Field("auto", description="single executor: 'auto' = cuda if available, else cpu")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    chat_template: bool = False
+    trust_remote_code: bool = False
+    progress: bool = True
+
+    @field_validator("init", "eval", mode="before")
+    @classmethod
+    def _none_word(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and v.strip().lower() in ("", "none", "null") else v
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "FinetuneConfig":
+        workers = self.world_size
+        if self.batch_size % (self.grad_accum * workers):
+            raise ValueError(
+                f"batch_size {self.batch_size} must be a multiple of grad_accum ({self.grad_accum}) x workers ({workers})"
+            )
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps {self.warmup_steps} exceeds steps {self.steps}")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.deepspeed.num_workers if self.executor == "deepspeed" else 1
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Examples per forward pass on one worker."""
+        return self.batch_size // (self.grad_accum * self.world_size)
+
+    @property
+    def out_path(self) -> Path:
+        return Path(self.out).expanduser().resolve()

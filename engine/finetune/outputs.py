@@ -1,0 +1,95 @@
+"""What a finetune run leaves on disk: a per-step log that survives a crash, and adapters written atomically.
+
+An adapter folder either holds a complete adapter or does not exist: it is written next to its final place and
+renamed into it, so a killed run never leaves a half-written adapter for the next stage to load.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+LOG_JSONL = "log.jsonl"
+LOG_PARQUET = "log.parquet"
+ADAPTER_DIR = "adapter"
+CHECKPOINTS_DIR = "checkpoints"
+INFO_FILE = "finetune_info.json"
+
+
+class TrainLog:
+    """Rows appended to log.jsonl as they happen (flushed each time); log.parquet is written by `close`."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.rows: list[dict[str, Any]] = []
+        self.t0 = time.perf_counter()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._fh = (out_dir / LOG_JSONL).open("w", encoding="utf-8")
+
+    def write(self, step: int, event: str, **fields: Any) -> dict[str, Any]:
+        row = {"step": step, "event": event, "seconds": round(time.perf_counter() - self.t0, 4), **fields}
+        self.rows.append(row)
+        self._fh.write(json.dumps(row) + "\n")
+        self._fh.flush()
+        return row
+
+    def close(self) -> None:
+        import pandas as pd
+
+        self._fh.close()
+        with atomic_file(self.out_dir / LOG_PARQUET) as tmp:
+            pd.DataFrame(self.rows).to_parquet(tmp, index=False)
+
+
+def read_log(out_dir: Path) -> list[dict[str, Any]]:
+    path = out_dir / LOG_JSONL
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `final` (an older `final` is removed after)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(final: Path) -> Iterator[Path]:
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_adapter(model: Any, final: Path, info: dict[str, Any]) -> Path:
+    """A PEFT adapter folder that `PeftModel.from_pretrained(base, final)` loads, plus what produced it."""
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
+    return final
+
+
+def checkpoint_path(out_dir: Path, step: int) -> Path:
+    return out_dir / CHECKPOINTS_DIR / f"step-{step:06d}"
