@@ -1,0 +1,205 @@
+"""Donor selection: read the scores store, keep the donors worth merging, weight them, write selection.json.
+
+Selection is cheap and deterministic (random-k is seeded), so it is always recomputed from scores.parquet rather
+than cached; the only state it produces is the small selection.json that `mashup merge --selection` reads.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from engine.config import StrictModel
+from engine.errors import ConfigError, DataError
+from engine.weighting import Weighting, compute_weights
+
+log = logging.getLogger(__name__)
+
+BASE_ROW = "__base__"
+Strategy = Literal["top-k", "random-k", "worst-k", "all"]
+STRATEGIES: tuple[str, ...] = ("top-k", "random-k", "worst-k", "all")
+
+
+class SelectConfig(StrictModel):
+    """`mashup select` and the `select:` section of `mashup run`; `scores`/`out` may come from the run instead."""
+
+    scores: Path | None = None
+    out: Path | None = None
+    k: int | None = Field(None, ge=1)
+    strategy: Strategy = "top-k"
+    below_base: bool = False
+    seed: int = 0
+    weighting: Weighting = "uniform"
+    penalty: float | None = Field(None, ge=0)
+    temperature: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _options_fit_the_choices(self) -> "SelectConfig":
+        if self.k is None and self.strategy != "all":
+            raise ValueError(f"k: required for strategy {self.strategy!r}")
+        if self.penalty is not None and self.weighting not in ("mwa", "mwa-steps"):
+            raise ValueError(f"penalty: applies only to weighting mwa or mwa-steps, not {self.weighting!r}")
+        if self.temperature is not None and self.weighting != "softmax":
+            raise ValueError(f"temperature: applies only to weighting softmax, not {self.weighting!r}")
+        return self
+
+
+class SelectedDonor(StrictModel):
+    donor: str
+    loss: float
+    weight: float
+    path: str | None = None
+
+
+class Selection(StrictModel):
+    """selection.json (DESIGN.md §2); `path` per donor and `temperature` are our documented extensions."""
+
+    k: int
+    strategy: str
+    weighting: str
+    penalty: float | None
+    temperature: float | None = None
+    base_loss: float | None
+    donors: list[SelectedDonor]
+
+    def write(self, path: str | Path) -> Path:
+        """Atomic, so a reader never sees half a selection."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.model_dump(), indent=2) + "\n")
+        os.replace(tmp, target)
+        return target
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Selection":
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"selection: file not found: {p}")
+        try:
+            return cls.model_validate_json(p.read_text())
+        except ValueError as exc:
+            raise ConfigError(f"selection: {p} is not a valid selection.json ({str(exc).splitlines()[0]})") from None
+
+
+def read_score_rows(scores: str | Path):
+    """The deduplicated store rows; `engine.store.read_scores` also folds in the write-ahead journal."""
+    path = Path(scores)
+    if not path.exists():
+        raise DataError(f"scores: not found: {path}")
+    try:
+        from engine.store import read_scores
+    except ImportError:  # the store module lands separately; plain parquet is the same table minus the journal
+        import pandas as pd
+
+        rows = pd.read_parquet(path / "scores.parquet" if path.is_dir() else path)
+    else:
+        rows = read_scores(path)
+    if rows.empty:
+        raise DataError(f"scores: no rows in {path}")
+    return rows
+
+
+def current_sample_rows(rows):
+    """Rows of one data sample: losses measured on different samples are not comparable."""
+    if "sample_id" not in rows.columns or rows["sample_id"].nunique(dropna=False) <= 1:
+        return rows
+    base_rows = rows[rows["donor"] == BASE_ROW]
+    sample = (base_rows if len(base_rows) else rows)["sample_id"].iloc[-1]
+    log.warning("scores hold %d data samples; using %s, the sample of the latest base row",
+                rows["sample_id"].nunique(dropna=False), sample)
+    return rows[rows["sample_id"] == sample]
+
+
+def donor_step(meta: object) -> float | None:
+    """The checkpoint step from the manifest metadata JSON, if the donor carries one."""
+    if not isinstance(meta, str) or not meta:
+        return None
+    try:
+        step = json.loads(meta).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return float(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else None
+
+
+def pick(candidates: list[dict], config: SelectConfig) -> list[dict]:
+    """Apply the strategy; candidates arrive sorted by (loss, donor) so ties break by name, reproducibly."""
+    k = len(candidates) if config.strategy == "all" else min(config.k or 0, len(candidates))
+    if config.strategy != "all" and (config.k or 0) > len(candidates):
+        log.warning("k=%d but only %d donors qualify; selecting %d", config.k, len(candidates), k)
+    if config.strategy in ("top-k", "all"):
+        return candidates[:k]
+    if config.strategy == "worst-k":
+        return sorted(candidates, key=lambda c: (-c["loss"], c["donor"]))[:k]
+    by_name = sorted(candidates, key=lambda c: c["donor"])
+    return random.Random(config.seed).sample(by_name, k)
+
+
+def select_with_config(config: SelectConfig) -> Selection:
+    """Config-driven selection shared by the CLI, the Python API and `mashup run`."""
+    if config.scores is None:
+        raise ConfigError("scores: required (path to scores.parquet or its folder)")
+    rows = current_sample_rows(read_score_rows(config.scores))
+    ok = rows[rows["status"] == "ok"].drop_duplicates(subset="donor", keep="last")
+    base = ok[ok["donor"] == BASE_ROW]
+    base_loss = float(base["loss"].iloc[-1]) if len(base) else None
+    if base_loss is None:
+        if config.below_base:
+            raise DataError(f"scores: no ok {BASE_ROW} row, so below_base cannot be applied")
+        log.warning("scores: no ok %s row; base_loss will be null", BASE_ROW)
+
+    candidates = []
+    for row in ok[ok["donor"] != BASE_ROW].to_dict("records"):
+        loss = float(row["loss"])
+        if not math.isfinite(loss) or (config.below_base and not loss < base_loss):
+            continue
+        path = row.get("path")
+        candidates.append({"donor": str(row["donor"]), "loss": loss,
+                           "path": None if path is None or (isinstance(path, float) and math.isnan(path)) else str(path),
+                           "step": donor_step(row.get("meta"))})
+    if not candidates:
+        why = " with a loss below the base loss" if config.below_base else ""
+        raise DataError(f"scores: no donor with status ok{why} in {config.scores}")
+    candidates.sort(key=lambda c: (c["loss"], c["donor"]))
+
+    chosen = pick(candidates, config)
+    weights = compute_weights(
+        config.weighting, [c["loss"] for c in chosen], [c["step"] for c in chosen],
+        config.penalty, config.temperature, [c["donor"] for c in chosen],
+    )
+    penalty = (1.0 if config.penalty is None else config.penalty) if config.weighting in ("mwa", "mwa-steps") else None
+    temperature = (1.0 if config.temperature is None else config.temperature) if config.weighting == "softmax" else None
+    selection = Selection(
+        k=len(chosen), strategy=config.strategy, weighting=config.weighting, penalty=penalty,
+        temperature=temperature, base_loss=base_loss,
+        donors=[SelectedDonor(donor=c["donor"], loss=c["loss"], weight=w, path=c["path"]) for c, w in zip(chosen, weights)],
+    )
+    if config.out is not None:
+        selection.write(config.out)
+    return selection
+
+
+def select(
+    scores: str | Path,
+    *,
+    k: int | None = None,
+    strategy: str | None = None,
+    below_base: bool | None = None,
+    seed: int | None = None,
+    weighting: str | None = None,
+    penalty: float | None = None,
+    temperature: float | None = None,
+    out: str | Path | None = None,
+) -> Selection:
+    """Script-friendly `mashup select`: options left as None take SelectConfig's defaults; writes `out` if given."""
+    from engine.config import validate
+
+    options = dict(scores=scores, k=k, strategy=strategy, below_base=below_base, seed=seed, weighting=weighting,
+                   penalty=penalty, temperature=temperature, out=out)
+    return select_with_config(validate(SelectConfig, {k_: v for k_, v in options.items() if v is not None}, "select"))

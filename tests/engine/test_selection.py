@@ -1,0 +1,150 @@
+"""Selection from a real scores.parquet: strategies, filters, sample choice, weights and selection.json."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from engine.cli import main
+from engine.errors import ConfigError, DataError
+from engine.selection import Selection, select
+
+# donor -> (loss, step); base loss is 1.0
+LOSSES = {"a": (0.70, 100), "b": (0.50, 200), "c": (0.90, 300), "d": (1.20, 400), "e": (0.50, 500)}
+SAMPLE = "sample-1"
+
+
+def score_row(donor: str, loss: float, status: str = "ok", sample: str = SAMPLE, meta: dict | None = None,
+              written_at: float = 0.0) -> dict:
+    return {
+        "donor": donor, "loss": loss, "token_accuracy": 0.5, "n_examples": 8, "n_tokens": 64, "status": status,
+        "error": None if status == "ok" else "boom", "backend": "hf", "seconds": 0.1, "sample_id": sample,
+        "path": None if donor == "__base__" else f"/pool/{donor}", "meta": json.dumps(meta or {}),
+        "revision": None, "round": 0, "written_at": written_at,
+    }
+
+
+def write_scores(folder: Path, rows: list[dict]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, row in enumerate(rows):
+        row["written_at"] = row["written_at"] or float(i + 1)
+    pd.DataFrame(rows).to_parquet(folder / "scores.parquet", index=False)
+    return folder / "scores.parquet"
+
+
+@pytest.fixture(scope="session")
+def scores(tmp_path_factory) -> Path:
+    rows = [score_row("__base__", 1.0)]
+    rows += [score_row(d, loss, meta={"step": step}) for d, (loss, step) in LOSSES.items()]
+    rows += [score_row("broken", float("nan"), status="failed"), score_row("never", 0.1, status="skipped")]
+    return write_scores(tmp_path_factory.mktemp("scores"), rows)
+
+
+def names(selection: Selection) -> list[str]:
+    return [d.donor for d in selection.donors]
+
+
+def test_top_k_takes_the_lowest_losses_and_breaks_ties_by_name(scores):
+    selection = select(scores, k=3)
+    assert names(selection) == ["b", "e", "a"]
+    assert [d.weight for d in selection.donors] == pytest.approx([1 / 3] * 3)
+    assert selection.base_loss == 1.0 and selection.k == 3 and selection.penalty is None
+    assert selection.donors[0].path == "/pool/b"
+
+
+def test_failed_and_skipped_rows_are_never_selected(scores):
+    assert set(names(select(scores, strategy="all"))) == set(LOSSES)
+
+
+def test_below_base_drops_donors_worse_than_the_base(scores):
+    assert "d" not in names(select(scores, strategy="all", below_base=True))
+    assert names(select(scores, k=10, below_base=True)) == ["b", "e", "a", "c"]
+
+
+def test_worst_k_and_all(scores):
+    assert names(select(scores, k=2, strategy="worst-k")) == ["d", "c"]
+    assert names(select(scores, strategy="all")) == ["b", "e", "a", "c", "d"]
+
+
+def test_random_k_is_reproducible_per_seed(scores):
+    draws = {seed: names(select(scores, k=3, strategy="random-k", seed=seed)) for seed in range(6)}
+    assert draws[0] == names(select(scores, k=3, strategy="random-k", seed=0))
+    assert len({tuple(d) for d in draws.values()}) > 1
+    assert all(len(set(d)) == 3 and set(d) <= set(LOSSES) for d in draws.values())
+
+
+def test_mwa_weights_follow_the_losses(scores):
+    selection = select(scores, k=3, weighting="mwa", penalty=2.0)
+    raw = [d.loss ** -2.0 for d in selection.donors]
+    assert [d.weight for d in selection.donors] == pytest.approx([r / sum(raw) for r in raw])
+    assert selection.penalty == 2.0
+
+
+def test_mwa_steps_reads_the_step_from_manifest_metadata(scores):
+    selection = select(scores, k=2, weighting="mwa-steps", penalty=1.0)
+    assert names(selection) == ["b", "e"]
+    assert [d.weight for d in selection.donors] == pytest.approx([200 / 700, 500 / 700])
+
+
+def test_mwa_steps_without_steps_names_the_donor(tmp_path):
+    path = write_scores(tmp_path, [score_row("__base__", 1.0), score_row("x", 0.5, meta={"step": 10}),
+                                   score_row("nostep", 0.6)])
+    with pytest.raises(DataError, match="'nostep'.*step"):
+        select(path, k=2, weighting="mwa-steps")
+
+
+def test_softmax_weights_and_temperature_are_recorded(scores):
+    selection = select(scores, k=2, weighting="softmax", temperature=0.1)
+    assert [d.weight for d in selection.donors] == pytest.approx([0.5, 0.5])
+    assert selection.temperature == 0.1 and selection.penalty is None
+
+
+def test_latest_row_of_a_donor_wins(tmp_path):
+    path = write_scores(tmp_path, [score_row("__base__", 1.0), score_row("a", 0.2, status="failed"),
+                                   score_row("a", 0.8), score_row("b", 0.9)])
+    selection = select(path, k=1)
+    assert names(selection) == ["a"] and selection.donors[0].loss == 0.8
+
+
+def test_several_samples_use_the_latest_base_rows_sample_and_warn(tmp_path, caplog):
+    rows = [score_row("__base__", 2.0, sample="old"), score_row("a", 0.1, sample="old"),
+            score_row("__base__", 1.0, sample="new"), score_row("b", 0.9, sample="new"),
+            score_row("c", 0.8, sample="new")]
+    path = write_scores(tmp_path, rows)
+    with caplog.at_level(logging.WARNING):
+        selection = select(path, strategy="all")
+    assert names(selection) == ["c", "b"] and selection.base_loss == 1.0
+    assert "data samples" in caplog.text
+
+
+def test_options_that_do_not_fit_are_config_errors(scores):
+    with pytest.raises(ConfigError, match="penalty"):
+        select(scores, k=2, penalty=1.0)
+    with pytest.raises(ConfigError, match="k: required"):
+        select(scores)
+    with pytest.raises(DataError, match="no donor"):
+        select(write_scores(scores.parent / "only_base", [score_row("__base__", 1.0)]), k=1)
+
+
+def test_cli_writes_selection_json(scores, tmp_path, capsys):
+    out = tmp_path / "selection.json"
+    assert main(["select", "--scores", str(scores.parent), "--k", "2", "--weighting", "mwa", "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert set(written) >= {"k", "strategy", "weighting", "penalty", "base_loss", "donors"}
+    assert written["k"] == 2 and written["penalty"] == 1.0
+    assert sum(d["weight"] for d in written["donors"]) == pytest.approx(1.0)
+    assert {"donor", "loss", "weight", "path"} <= set(written["donors"][0])
+    assert Selection.read(out).donors[0].donor == "b"
+
+
+def test_cli_config_file_and_user_errors(scores, tmp_path, capsys):
+    config = tmp_path / "select.yaml"
+    config.write_text(f"scores: {scores}\nk: 2\nstrategy: worst-k\nout: {tmp_path / 'sel.json'}\n")
+    assert main(["select", "--config", str(config), "--k", "1"]) == 0
+    assert names(Selection.read(tmp_path / "sel.json")) == ["d"]
+    assert main(["select", "--scores", str(scores), "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "k: required" in err[0]
