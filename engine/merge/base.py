@@ -1,0 +1,92 @@
+"""The contract every merge method implements: stream donors one at a time into per-module float32 state.
+
+The driver (streaming.py) owns files, order and memory; a method only says how one donor's (A, B) pair of one
+module updates that module's state, and how the state becomes the merged (A, B). That split is what lets every
+method stream with memory that does not grow with the number of donors (DESIGN.md §3).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One LoRA-adapted module of the union of donors; shapes are given without the rank."""
+
+    name: str
+    a_key: str
+    b_key: str
+    a_tail: tuple[int, ...]  # lora_A shape is (rank, *a_tail)
+    b_head: int  # lora_B shape is (b_head, rank, *b_tail)
+    b_tail: tuple[int, ...] = ()
+
+    def a_shape(self, rank: int) -> tuple[int, ...]:
+        return (rank, *self.a_tail)
+
+    def b_shape(self, rank: int) -> tuple[int, ...]:
+        return (self.b_head, rank, *self.b_tail)
+
+    @property
+    def is_matrix(self) -> bool:
+        return len(self.a_tail) == 1 and not self.b_tail
+
+
+@dataclass(frozen=True)
+class DonorModule:
+    """One donor's factors of one module, in the donor's dtype, with its merge weight and LoRA scale."""
+
+    index: int  # position in the donor list: seeds reproducible random masks
+    weight: float
+    scale: float
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    density: float | None = None
+    majority_sign: str = "total"
+    seed: int = 0
+    svd_rank: int | None = None
+    shared_scale: bool = True  # every donor has the same alpha/r (and rsLoRA flag)
+    donor_ranks: tuple[int, ...] = field(default_factory=tuple)
+
+
+class MergeMethod:
+    """Base class; subclasses override `begin`, `add`, `finish` and the class attributes that differ."""
+
+    name: ClassVar[str] = ""
+    passes: ClassVar[int] = 1
+    equal_ranks: ClassVar[bool] = True
+    options: ClassVar[frozenset[str]] = frozenset()  # which of density / majority_sign / svd_rank apply
+    required_options: ClassVar[frozenset[str]] = frozenset()
+
+    def output_rank(self, options: MergeOptions) -> int:
+        return options.donor_ranks[0]
+
+    def keeps_donor_scale(self, options: MergeOptions) -> bool:
+        """True: the output keeps the donors' lora_alpha; False: scales are folded in and alpha = r."""
+        return False
+
+    def state_bytes(self, module: ModuleSpec, rank: int) -> int:
+        """float32 bytes held for one module while donors stream: the driver groups modules by this."""
+        return 4 * (_numel(module.a_shape(rank)) + _numel(module.b_shape(rank)))
+
+    def begin(self, module: ModuleSpec, rank: int, options: MergeOptions) -> Any:
+        raise NotImplementedError
+
+    def add(self, state: Any, donor: DonorModule, pass_index: int) -> None:
+        raise NotImplementedError
+
+    def finish(self, state: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,168 @@
+"""The merge driver: donors in the outer loop, one file open at a time, one float32 state per module.
+
+Modules are processed in groups whose float32 state fits `accumulator_mb`; for LoRA adapters one group usually
+holds every module, so each donor file is opened once per pass. Memory is therefore bounded by the state of
+one group (about one adapter in float32), whatever the number of donors.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from engine.errors import ConfigError, MashupError
+from engine.merge.base import DonorModule, MergeMethod, MergeOptions, ModuleSpec
+from engine.merge.config import MergeConfig
+from engine.merge.donors import (
+    CONFIG_FILE, WEIGHT_FILE, Donor, check_equal_ranks, read_adapter_config, read_donor, union_modules,
+    union_target_modules, warn_on_base_mismatch, output_dtype,
+)
+from engine.merge.io import SafetensorsStreamWriter, atomic_output_dir, open_donor, sha256_file, write_json
+from engine.merge.registry import get_method
+
+log = logging.getLogger(__name__)
+
+MERGE_INFO_FILE = "merge_info.json"
+PROGRESS_MIN_READS = 50
+
+
+def resolve_donors(config: MergeConfig) -> tuple[list[str], list[Path], list[float]]:
+    """(names, folders, weights summing to 1) from a selection.json or from --donors/--weights."""
+    if config.selection is not None:
+        from engine.selection import Selection
+
+        selection = Selection.read(config.selection)
+        names, paths, weights = [], [], []
+        for entry in selection.donors:
+            if not entry.path:
+                raise ConfigError(f"selection: donor {entry.donor!r} has no path; pass --donors instead")
+            path = Path(entry.path)
+            paths.append(path if path.is_absolute() else Path(config.selection).parent / path)
+            names.append(entry.donor)
+            weights.append(entry.weight)
+    elif config.donors:
+        names, paths = list(config.donors), [Path(d) for d in config.donors]
+        weights = list(config.weights) if config.weights is not None else [1.0] * len(names)
+    else:
+        raise ConfigError("donors: give --selection FILE.json or --donors DIR [DIR ...]")
+    if not names:
+        raise ConfigError("donors: the selection is empty")
+    total = sum(weights)
+    if not total > 0 or any(not math.isfinite(w) or w < 0 for w in weights):
+        raise ConfigError("weights: must be finite, >= 0, and not all zero")
+    if abs(total - 1) > 1e-6:
+        log.info("weights sum to %.6g; normalizing to 1", total)
+    return names, paths, [w / total for w in weights]
+
+
+def group_modules(modules: Sequence[ModuleSpec], method: MergeMethod, rank: int, budget_bytes: int) -> list[list[ModuleSpec]]:
+    """Consecutive modules whose merge state fits the budget together (a lone oversized module is its own group)."""
+    groups: list[list[ModuleSpec]] = [[]]
+    used = 0
+    for module in modules:
+        need = method.state_bytes(module, rank)
+        if groups[-1] and used + need > budget_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(module)
+        used += need
+    return groups
+
+
+def merged_adapter_config(donors: Sequence[Donor], method: MergeMethod, options: MergeOptions, rank: int) -> dict:
+    """The first donor's config with the merged rank, scale and target modules."""
+    config = read_adapter_config(donors[0].name, donors[0].path)
+    config.update(target_modules=union_target_modules(donors), rank_pattern={}, alpha_pattern={}, inference_mode=True)
+    if not method.keeps_donor_scale(options):
+        config.update(r=rank, lora_alpha=rank, use_rslora=False)
+    return config
+
+
+def stream_modules(donors: Sequence[Donor], weights: Sequence[float], method: MergeMethod, options: MergeOptions,
+                   groups: Sequence[Sequence[ModuleSpec]], rank: int, writer: SafetensorsStreamWriter,
+                   progress: bool) -> None:
+    """The hot loop: per group, per pass, per donor (one open file), per module: `method.add`."""
+    from tqdm.auto import tqdm
+
+    total = len(groups) * method.passes * len(donors)
+    with tqdm(total=total, disable=not progress, unit="donor", desc=f"merge {method.name}", dynamic_ncols=True) as bar:
+        for group in groups:
+            states = {module.name: method.begin(module, rank, options) for module in group}
+            for pass_index in range(method.passes):
+                for index, donor in enumerate(donors):
+                    with open_donor(donor.weight_file) as handle:
+                        for module in group:
+                            keys = donor.modules.get(module.name)
+                            if keys is not None:
+                                method.add(states[module.name], DonorModule(
+                                    index, weights[index], donor.scale,
+                                    handle.get_tensor(keys.a_key), handle.get_tensor(keys.b_key)), pass_index)
+                    bar.update()
+            for module in group:
+                lora_A, lora_B = method.finish(states.pop(module.name))
+                if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
+                    raise MashupError(f"merged module {module.name} is not finite: a donor holds NaN/Inf weights")
+                writer.write(module.a_key, lora_A)
+                writer.write(module.b_key, lora_B)
+
+
+def merge_with_config(config: MergeConfig) -> Path:
+    """Config-driven merge shared by the CLI, the Python API and `mashup run`; returns the adapter folder."""
+    from engine.version import __version__
+
+    if config.out is None:
+        raise ConfigError("out: required (the folder for the merged adapter)")
+    names, paths, weights = resolve_donors(config)
+    layouts: dict = {}
+    donors = [read_donor(name, path, layouts) for name, path in zip(names, paths)]
+    method = get_method(config.method)
+    if method.equal_ranks:
+        check_equal_ranks(donors, method.name)
+    warn_on_base_mismatch(donors)
+    first = donors[0]
+    options = MergeOptions(
+        density=config.density, majority_sign=config.majority_sign or "total", seed=config.seed,
+        svd_rank=config.svd_rank, donor_ranks=tuple(d.rank for d in donors),
+        shared_scale=all((d.alpha, d.use_rslora, d.rank) == (first.alpha, first.use_rslora, first.rank) for d in donors),
+    )
+    rank = method.output_rank(options)
+    dtype = output_dtype(donors, config.dtype)
+    modules = union_modules(donors)
+    groups = group_modules(modules, method, rank, int(config.accumulator_mb * 2**20))
+    layout = [(key, shape) for group in groups for m in group
+              for key, shape in ((m.a_key, m.a_shape(rank)), (m.b_key, m.b_shape(rank)))]
+    progress = config.progress if config.progress is not None else len(groups) * method.passes * len(donors) >= PROGRESS_MIN_READS
+    adapter_config = merged_adapter_config(donors, method, options, rank)
+
+    with atomic_output_dir(config.out, config.overwrite) as tmp, ThreadPoolExecutor(1) as hasher:
+        digests: list[Future] = [hasher.submit(sha256_file, d.weight_file) for d in donors]
+        writer = SafetensorsStreamWriter(tmp / WEIGHT_FILE, layout, dtype)
+        try:
+            stream_modules(donors, weights, method, options, groups, rank, writer, progress)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            for digest in digests:
+                digest.cancel()
+            raise
+        write_json(tmp / CONFIG_FILE, adapter_config)
+        write_json(tmp / MERGE_INFO_FILE, {
+            "method": method.name,
+            "donors": names,
+            "weights": weights,
+            "sha256": [d.result() for d in digests],
+            "paths": [str(p) for p in paths],
+            "engine_version": __version__,
+            "options": {"density": config.density, "majority_sign": options.majority_sign if "majority_sign" in method.options else None,
+                        "seed": config.seed, "svd_rank": config.svd_rank},
+            "r": adapter_config["r"],
+            "lora_alpha": adapter_config["lora_alpha"],
+            "dtype": str(dtype).removeprefix("torch."),
+            "modules": len(modules),
+        })
+    log.info("merged %d donors with %s into %s (r=%d)", len(donors), method.name, config.out, adapter_config["r"])
+    return Path(config.out)

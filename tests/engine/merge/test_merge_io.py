@@ -1,0 +1,97 @@
+"""Merge output on disk: a valid streamed safetensors, merge_info.json, and no partial adapter after a failure."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import engine
+from engine.errors import ConfigError, DonorError, MashupError
+from engine.merge.io import SafetensorsStreamWriter
+from engine.version import __version__
+
+
+def leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def test_stream_writer_output_loads_with_safetensors(tmp_path):
+    tensors = {"b": torch.randn(3, 5), "a": torch.randn(7, 2), "c": torch.randn(1, 1)}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        path = tmp_path / f"{dtype}.safetensors"
+        writer = SafetensorsStreamWriter(path, [(k, tuple(v.shape)) for k, v in tensors.items()], dtype)
+        for key, value in tensors.items():
+            writer.write(key, value)
+        writer.close()
+        loaded = load_file(str(path))
+        assert loaded.keys() == tensors.keys()
+        for key, value in tensors.items():
+            assert loaded[key].dtype == dtype and torch.equal(loaded[key], value.to(dtype))
+
+
+def test_stream_writer_refuses_out_of_order_tensors(tmp_path):
+    writer = SafetensorsStreamWriter(tmp_path / "x.safetensors", [("a", (2,)), ("b", (2,))], torch.float32)
+    with pytest.raises(RuntimeError, match="expected a"):
+        writer.write("b", torch.zeros(2))
+    writer.abort()
+
+
+def test_merge_info_records_method_donors_weights_hashes_and_version(donors, tmp_path):
+    inputs = [donors["qv1"], donors["qv3"]]
+    out = engine.merge(inputs, weights=[1, 3], out=tmp_path / "merged")
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "merge_info.json"]
+    info = json.loads((out / "merge_info.json").read_text())
+    assert info["method"] == "linear" and info["donors"] == [str(p) for p in inputs]
+    assert info["weights"] == pytest.approx([0.25, 0.75]) and info["engine_version"] == __version__
+    assert info["sha256"] == [hashlib.sha256((p / "adapter_model.safetensors").read_bytes()).hexdigest() for p in inputs]
+
+
+def test_exception_mid_stream_leaves_no_adapter(donors, nan_donor, tmp_path):
+    out = tmp_path / "merged"
+    with pytest.raises(MashupError, match="not finite"):  # raised after earlier modules were written
+        engine.merge([donors["qv1"], nan_donor], out=out)
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_sigkilled_merge_leaves_no_adapter_and_the_next_merge_cleans_up(donors, tmp_path):
+    out = tmp_path / "merged"
+    script = (f"import engine; engine.merge([{str(donors['qv1'])!r}] * 3000, out={str(out)!r}, progress=False)")
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not any((tmp_path / name / "adapter_model.safetensors").exists() for name in leftovers(out)):
+            assert proc.poll() is None and time.monotonic() < deadline, "merge ended before it could be killed"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists() and leftovers(out)  # only a hidden temp folder remains
+    engine.merge([donors["qv1"]], out=out)
+    assert out.is_dir() and leftovers(out) == []
+
+
+def test_existing_output_needs_overwrite(donors, tmp_path):
+    out = engine.merge([donors["qv1"]], out=tmp_path / "merged")
+    with pytest.raises(ConfigError, match="already exists"):
+        engine.merge([donors["qv3"]], out=out)
+    engine.merge([donors["qv3"]], out=out, overwrite=True)
+    assert json.loads((out / "merge_info.json").read_text())["donors"] == [str(donors["qv3"])]
+    assert leftovers(out) == []
+
+
+def test_unusable_donors_are_named(donors, pickle_donor, tmp_path):
+    with pytest.raises(DonorError, match="refusing to unpickle"):
+        engine.merge([donors["qv1"], pickle_donor], out=tmp_path / "x")
+    with pytest.raises(DonorError, match="not found"):
+        engine.merge([donors["qv1"], tmp_path / "nowhere"], out=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
