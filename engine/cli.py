@@ -12,6 +12,8 @@ from engine.errors import MashupError
 # One line per command; each module defines `register(subparsers)` and sets `handler` on its parser.
 COMMANDS = (
     "engine.commands.score",
+    "engine.commands.select",
+    "engine.commands.merge",
 )
 
 
