@@ -8,6 +8,7 @@ from engine.errors import ConfigError
 
 BACKENDS: dict[str, str] = {
     "hf": "actors.backends.hf:HFBackend",
+    "vllm": "actors.backends.vllm:VLLMBackend",
 }
 
 
