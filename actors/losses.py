@@ -1,10 +1,13 @@
 """Completion-token statistics from a causal LM, with the LM head applied only where the completion is.
 
-Sequences are left-padded so that every completion ends at the last position; then `logits_to_keep=K` (public
-transformers API) computes logits for the last K positions only, K = longest completion + 1.
+Sequences are left-padded so every completion ends at the last position, and `logits_to_keep=K` (public
+transformers API) keeps the last K positions, K = longest completion + 1. `completion_head` goes further for
+scoring: a pre-hook on the output embedding gathers exactly the positions that predict completion tokens, so the
+LM head (the largest matmul for 150k–256k vocabularies) runs on Σ completion tokens rows and nothing else.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -21,6 +24,12 @@ class PaddedBatch:
     keep: int
     n_completion: torch.Tensor
 
+    @property
+    def predict_mask(self) -> torch.Tensor:
+        """(B, K) True at tail positions whose next token is a completion token."""
+        j = torch.arange(self.keep, device=self.input_ids.device).unsqueeze(0)
+        return (j >= (self.keep - 1 - self.n_completion).unsqueeze(1)) & (j < self.keep - 1)
+
 
 def left_pad(examples: Sequence[Encoded], pad_id: int, device: str | torch.device = "cpu") -> PaddedBatch:
     length = max(len(e.input_ids) for e in examples)
@@ -34,15 +43,37 @@ def left_pad(examples: Sequence[Encoded], pad_id: int, device: str | torch.devic
     return PaddedBatch(ids.to(device), mask.to(device), pos.to(device), int(n_c.max()) + 1, n_c.to(device))
 
 
-def completion_stats(logits_tail: torch.Tensor, batch: PaddedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row: (sum of NLL in nats, number of argmax hits, number of completion tokens), in float64/int64."""
-    k = batch.keep
-    targets = batch.input_ids[:, -k + 1:]
-    logits = logits_tail[:, -k:-1].float()
-    logp = torch.log_softmax(logits, dim=-1)
-    tok_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    j = torch.arange(k - 1, device=targets.device).unsqueeze(0)
-    mask = j >= (k - 1 - batch.n_completion).unsqueeze(1)
-    nll = -(tok_logp.double() * mask).sum(-1)
-    hits = ((logits.argmax(-1) == targets) & mask).sum(-1)
+@contextlib.contextmanager
+def completion_head(model: torch.nn.Module, batch: PaddedBatch):
+    """Within the block the model's logits are (Σ completion tokens, vocab): one row per predicted token."""
+    head = model.get_output_embeddings()
+    mask = batch.predict_mask
+
+    def gather(_module, args):
+        return (args[0][mask],) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def completion_stats(logits: torch.Tensor, batch: PaddedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row: (sum of NLL in nats, argmax hits, completion tokens), float64/int64.
+
+    `logits` is either the (B, K, V) tail from `logits_to_keep=batch.keep`, or the (N, V) rows from `completion_head`.
+    """
+    mask = batch.predict_mask
+    targets_tail = batch.input_ids[:, -batch.keep:].roll(-1, dims=1)
+    if logits.dim() == 3:
+        logits = logits[:, -batch.keep:][mask]
+    targets = targets_tail[mask]
+    rows = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+    logits = logits.float()
+    tok_logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    hit = (logits.argmax(-1) == targets).long()
+    n = mask.shape[0]
+    nll = torch.zeros(n, dtype=torch.float64, device=mask.device).index_add_(0, rows, -tok_logp.double())
+    hits = torch.zeros(n, dtype=torch.long, device=mask.device).index_add_(0, rows, hit)
     return nll, hits, mask.sum(-1)

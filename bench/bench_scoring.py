@@ -27,7 +27,7 @@ def build_world(n_donors: int, n_examples: int, vocab: int, hidden: int, layers:
 
     from engine.testing import build_tiny_llama, train_tokenizer, write_lora_adapter, write_task
 
-    root = CACHE / f"d{n_donors}_e{n_examples}_v{vocab}_h{hidden}_l{layers}"
+    root = CACHE / f"d{n_donors}_e{n_examples}_v{vocab}_h{hidden}_l{layers}_shots3"
     if (root / "READY").exists():
         return root
     shutil.rmtree(root, ignore_errors=True)
@@ -38,7 +38,7 @@ def build_world(n_donors: int, n_examples: int, vocab: int, hidden: int, layers:
     for i in range(n_donors):
         write_lora_adapter(base, root / "pool" / f"d{i:04d}", seed=i, r=16, alpha=32,
                            target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), init_std=0.02, base_model=model)
-    write_task(root / "task.jsonl", n_examples, seed=0, op="sort")
+    write_task(root / "task.jsonl", n_examples, seed=0, op="sort", shots=3)
     (root / "READY").write_text("ok")
     return root
 

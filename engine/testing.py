@@ -112,8 +112,9 @@ def write_lora_adapter(
     return Path(out_dir)
 
 
-def write_task(path: str | Path, n: int, seed: int = 0, op: str = "reverse", choices: int = 0) -> Path:
-    """A small synthetic prompt/completion JSONL; with `choices` > 0, adds multiple-choice fields."""
+def write_task(path: str | Path, n: int, seed: int = 0, op: str = "reverse", choices: int = 0, shots: int = 0) -> Path:
+    """A small synthetic prompt/completion JSONL; `choices` > 0 adds multiple-choice fields, `shots` > 0 puts
+    solved demonstrations in each prompt (longer prompts, as in real few-shot tasks)."""
     rng = random.Random(seed)
     ops = {
         "reverse": lambda ws: list(reversed(ws)),
@@ -125,7 +126,11 @@ def write_task(path: str | Path, n: int, seed: int = 0, op: str = "reverse", cho
     for _ in range(n):
         ws = [rng.choice(WORDS) for _ in range(rng.randint(2, 5))]
         answer = " ".join(ops[op](ws))
-        row = {"prompt": f"{op}: {' '.join(ws)} ->", "completion": " " + answer}
+        demos = []
+        for _ in range(shots):
+            dw = [rng.choice(WORDS) for _ in range(rng.randint(2, 5))]
+            demos.append(f"{op}: {' '.join(dw)} -> {' '.join(ops[op](dw))}\n")
+        row = {"prompt": "".join(demos) + f"{op}: {' '.join(ws)} ->", "completion": " " + answer}
         if choices:
             wrong = {" " + " ".join(rng.sample(WORDS, len(ws))) for _ in range(choices * 2)} - {row["completion"]}
             opts = [row["completion"], *sorted(wrong)[: choices - 1]]

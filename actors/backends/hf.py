@@ -1,10 +1,12 @@
-"""transformers + PEFT backend: one resident base, an LRU of PEFT adapters, mixed-adapter batches.
+"""transformers + PEFT backend: one resident base, an LRU of adapters in LoRA slots, mixed-adapter batches.
 
-Every forward pass mixes rows of several donors (PEFT `adapter_names`): the base layers run once per batch and
-each LoRA only on its own rows, which is where the speed-up over a load-forward-unload loop comes from.
+Every forward pass mixes rows of several donors (PEFT `adapter_names`). Loading a donor copies its tensors into
+a pre-injected slot (`actors.lora_slots`) instead of rewriting the model; donors that slots do not model
+(embedding LoRAs, `modules_to_save`, `lm_head` targets) fall back to PEFT's own `load_adapter`.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
 
@@ -12,6 +14,7 @@ import torch
 from pydantic import Field
 
 from actors.adapter_cache import AdapterLRU
+from actors.lora_slots import LoraSlots, read_layout
 from actors.backends.base import (
     BASE,
     Backend,
@@ -21,12 +24,13 @@ from actors.backends.base import (
     resolve_device,
     resolve_dtype,
 )
-from actors.losses import completion_stats, left_pad
+from actors.losses import completion_head, completion_stats, left_pad
 from engine.data import EncodedSample
 
 
 class HFOptions(BackendOptions):
     mixed_batch: bool = Field(True, description="put several donors in one forward pass")
+    slots: bool = Field(True, description="load donors by copying into pre-injected LoRA slots")
 
 
 class HFBackend(Backend):
@@ -45,6 +49,8 @@ class HFBackend(Backend):
         self.model.eval()
         self.pad_id = self.model.config.pad_token_id or 0
         self.peft = None
+        self.slots: LoraSlots | None = None
+        self._forward_name: dict[str, str] = {}
         self._paths: dict[str, DonorRequest] = {}
         self.lru: AdapterLRU[str] = AdapterLRU(options.max_resident, self._load, self._unload)
 
@@ -56,14 +62,38 @@ class HFBackend(Backend):
         from peft import PeftModel
 
         path = self._paths[name].path
-        if self.peft is None:
+        layout = read_layout(path) if self.options.slots else None
+        if layout is not None and any(m.split(".")[-1] == "lm_head" for m in layout.modules):
+            layout = None
+        if layout is not None:
+            if self.slots is None or not self.slots.fits(layout):
+                self._rebuild_slots(layout)
+            self._forward_name[name] = self.slots.load(name, path, layout)
+        elif self.peft is None:
             self.peft = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
             self.peft.eval()
+            self._forward_name[name] = name
         else:
             self.peft.load_adapter(path, adapter_name=name, is_trainable=False)
+            self._forward_name[name] = name
+
+    def _rebuild_slots(self, layout) -> None:
+        """Grow the slot layout to cover `layout`; every resident donor is reloaded into the new slots."""
+        targets, rank = layout.suffixes, layout.max_rank
+        if self.slots is not None:
+            targets, rank = targets | self.slots.targets, max(rank, self.slots.rank)
+        base = self.peft.unload() if self.peft is not None else self.model
+        self.slots = LoraSlots(base, self.options.max_resident, targets, rank)
+        self.peft = self.slots.peft
+        self._forward_name.clear()
+        for key in self.lru.keys():
+            self._load(key)
 
     def _unload(self, name: str) -> None:
-        if len(self.peft.peft_config) > 1:
+        self._forward_name.pop(name, None)
+        if self.slots is not None and name in self.slots.owner:
+            self.slots.release(name)
+        elif self.peft is not None and name in self.peft.peft_config and len(self.peft.peft_config) > 1:
             if name in self.peft.active_adapters:
                 self.peft.set_adapter(next(a for a in self.peft.peft_config if a != name))
             self.peft.delete_adapter(name)
@@ -117,13 +147,16 @@ class HFBackend(Backend):
                 position_ids=batch.position_ids,
                 logits_to_keep=batch.keep,
             )
-            names = [self.adapter_name(req) for _, _, req in chunk]
-            if self.peft is None:
-                if any(n != BASE for n in names):
-                    raise RuntimeError("adapter rows without a loaded adapter")
-                logits = self.model(**inputs).logits
-            else:
-                logits = self.peft(**inputs, adapter_names=names).logits
+            names = [self._forward_name.get(self.adapter_name(req), BASE) for _, _, req in chunk]
+            head = self.model.get_output_embeddings()
+            gather = completion_head(self.model, batch) if isinstance(head, torch.nn.Linear) else _nothing()
+            with gather:
+                if self.peft is None:
+                    if any(n != BASE for n in names):
+                        raise RuntimeError("adapter rows without a loaded adapter")
+                    logits = self.model(**inputs).logits
+                else:
+                    logits = self.peft(**inputs, adapter_names=names).logits
             nll, hits, ntok = completion_stats(logits, batch)
             for (_, _, req), a, b, c in zip(chunk, nll.tolist(), hits.tolist(), ntok.tolist()):
                 s = acc[req.donor]
@@ -139,6 +172,11 @@ class HFBackend(Backend):
                 score.error = f"non-finite loss ({score.loss}); the adapter's weights are likely corrupt"
             out[req.donor] = score
         return out
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
 
 
 def _chunks_by_tokens(rows: list, budget: int):

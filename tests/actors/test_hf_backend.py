@@ -57,3 +57,27 @@ def test_a_donor_that_fails_to_load_does_not_fail_its_batch(backend, sample, req
     scores = backend.score([requests[0], broken], sample)
     assert scores[0].error is None
     assert scores[1].error.startswith("adapter failed to load")
+
+
+def test_slots_equal_peft_load_adapter(base_dir, sample, requests):
+    slots = HFBackend(str(base_dir), HFOptions(max_resident=8)).score(requests, sample)
+    plain = HFBackend(str(base_dir), HFOptions(max_resident=8, slots=False)).score(requests, sample)
+    for a, b in zip(slots, plain):
+        assert abs(a.loss - b.loss) < 1e-6 and a.n_correct == b.n_correct
+
+
+def test_slot_layout_grows_and_odd_donors_fall_back_to_peft(base_dir, sample, requests, tmp_path):
+    from engine.testing import write_lora_adapter
+
+    emb = write_lora_adapter(base_dir, tmp_path / "emb", seed=11, r=4, target_modules=("embed_tokens", "q_proj"),
+                             init_std=0.2)
+    wide = write_lora_adapter(base_dir, tmp_path / "wide", seed=12, r=16, alpha=8,
+                              target_modules=("gate_proj", "up_proj", "down_proj"), init_std=0.2)
+    backend = HFBackend(str(base_dir), HFOptions(max_resident=8))
+    reqs = [requests[0], DonorRequest("emb", str(emb), 50), DonorRequest("wide", str(wide), 51), requests[1]]
+    scores = backend.score(reqs, sample)
+    assert backend.slots.rank == 16 and {"gate_proj", "q_proj", "v_proj"} <= backend.slots.targets
+    assert backend._forward_name[backend.adapter_name(reqs[1])] == "d50", "embedding LoRA should use PEFT's loader"
+    for req, s in zip(reqs, scores):
+        loss, _ = reference_loss(base_dir, req.path, sample)
+        assert s.error is None and abs(s.loss - loss) < 1e-5, (req.donor, s.loss, loss)
