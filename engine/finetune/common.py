@@ -86,16 +86,21 @@ def build_model(cfg: FinetuneConfig, dtype: torch.dtype = torch.float32) -> Any:
         )
         model = get_peft_model(base, lora)
     else:
-        init = Path(cfg.init)
-        if not (init / "adapter_config.json").is_file():
-            raise ConfigError(f"init: {init} is not a PEFT adapter directory (no adapter_config.json)")
-        if not (init / "adapter_model.safetensors").is_file():
-            raise ConfigError(f"init: {init} has no adapter_model.safetensors (only safetensors weights are loaded)")
+        init = check_init_dir(cfg.init)
         lora = LoraConfig.from_pretrained(str(init))
         lora.lora_dropout = cfg.lora.dropout
         model = PeftModel.from_pretrained(base, str(init), config=lora, is_trainable=True)
     model.train()
     return model
+
+
+def check_init_dir(path: str) -> Path:
+    init = Path(path)
+    if not (init / "adapter_config.json").is_file():
+        raise ConfigError(f"init: {init} is not a PEFT adapter directory (no adapter_config.json)")
+    if not (init / "adapter_model.safetensors").is_file():
+        raise ConfigError(f"init: {init} has no adapter_model.safetensors (only safetensors weights are loaded)")
+    return init
 
 
 def max_length_of(model: Any) -> int | None:

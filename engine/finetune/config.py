@@ -60,6 +60,7 @@ class FinetuneConfig(StrictModel):
     chat_template: bool = False
     trust_remote_code: bool = False
     progress: bool = True
+    overwrite: bool = Field(False, description="replace a finished or crashed run already in `out`")
 
     @field_validator("init", "eval", mode="before")
     @classmethod

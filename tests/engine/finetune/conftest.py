@@ -28,6 +28,21 @@ def eval_file(world) -> Path:
 
 
 @pytest.fixture(scope="session")
+def make_config(base_dir, task_file, eval_file):
+    """A tiny run's config: 6 steps of 4 examples, evaluated and checkpointed every 3 steps; `over` changes fields."""
+    from engine.finetune import FinetuneConfig
+
+    def make(out: Path, **over) -> FinetuneConfig:
+        fields = dict(
+            base=str(base_dir), data=str(task_file), eval=str(eval_file), out=str(out),
+            steps=6, batch_size=4, lr=2e-2, warmup_steps=1, eval_every=3, save_every=3, progress=False,
+        )
+        return FinetuneConfig(**{**fields, **over})
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def ray_train():
     """Reuses a Ray this session already started; otherwise starts one with the dashboard (Ray Train's State API)."""
     import ray

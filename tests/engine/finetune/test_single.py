@@ -6,21 +6,12 @@ import json
 import pytest
 
 from engine.data import encode_sample, load_jsonl
-from engine.finetune import FinetuneConfig, finetune
-
-
-def tiny_config(base_dir, task_file, eval_file, out, **over) -> FinetuneConfig:
-    fields = dict(
-        base=str(base_dir), data=str(task_file), eval=str(eval_file), out=str(out),
-        steps=6, batch_size=4, lr=2e-2, warmup_steps=1, eval_every=3, save_every=3, progress=False,
-    )
-    return FinetuneConfig(**{**fields, **over})
+from engine.finetune import finetune
 
 
 @pytest.fixture(scope="module")
-def merged_run(base_dir, task_file, eval_file, merged_init, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ft") / "merged"
-    return finetune(tiny_config(base_dir, task_file, eval_file, out, init=str(merged_init)))
+def merged_run(make_config, merged_init, tmp_path_factory):
+    return finetune(make_config(tmp_path_factory.mktemp("ft") / "merged", init=str(merged_init)))
 
 
 def hf_score(base_dir, tokenizer, eval_file, donor_path=None):
@@ -43,8 +34,8 @@ def test_merged_init_starts_at_the_init_adapters_score(merged_run, merged_init, 
     assert step0["n_tokens"] == ref.n_tokens
 
 
-def test_scratch_starts_at_the_base_loss(base_dir, task_file, eval_file, tokenizer, tmp_path):
-    result = finetune(tiny_config(base_dir, task_file, eval_file, tmp_path / "scratch", init="none", steps=1))
+def test_scratch_starts_at_the_base_loss(make_config, base_dir, eval_file, tokenizer, tmp_path):
+    result = finetune(make_config(tmp_path / "scratch", init="none", steps=1))
     assert result.evals()[0]["loss"] == pytest.approx(hf_score(base_dir, tokenizer, eval_file).loss, abs=1e-5)
     assert json.loads((result.adapter / "adapter_config.json").read_text())["r"] == 8
 
@@ -80,11 +71,11 @@ def test_checkpoints_reload_and_reproduce_the_logged_eval(merged_run, base_dir, 
     assert leftovers == []
 
 
-def test_grad_accumulation_does_not_change_the_objective(base_dir, task_file, merged_init, tmp_path):
+def test_grad_accumulation_does_not_change_the_objective(make_config, merged_init, tmp_path):
     """The loss is token-weighted over the whole step's batch, so splitting it into micro-batches changes nothing."""
     runs = [
-        finetune(tiny_config(base_dir, task_file, None, tmp_path / f"ga{ga}", init=str(merged_init), steps=3,
-                             grad_accum=ga, save_every=0))
+        finetune(make_config(tmp_path / f"ga{ga}", init=str(merged_init), eval=None, steps=3, grad_accum=ga,
+                             save_every=0))
         for ga in (1, 2)
     ]
     assert runs[0].train_losses() == pytest.approx(runs[1].train_losses(), abs=1e-6)
