@@ -14,6 +14,7 @@ COMMANDS = (
     "engine.commands.score",
     "engine.commands.select",
     "engine.commands.merge",
+    "engine.commands.finetune",
 )
 
 
