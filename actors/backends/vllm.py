@@ -101,7 +101,7 @@ def precheck(path: str | Path, max_rank: int | None = None) -> str | None:
     targets = cfg.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else list(targets)
     touched = targets + list(cfg.get("modules_to_save") or [])
-    if any(t.split(".")[-1] in NO_LM_HEAD for t in touched):
+    if any(name in t for t in touched for name in NO_LM_HEAD):  # names or a regex string
         return "targets lm_head: vLLM drops an lm_head LoRA delta from prompt_logprobs (vllm-project/vllm #51594)"
     if max_rank is not None:
         rank = adapter_rank(p)
@@ -201,8 +201,7 @@ class VLLMBackend(Backend):
     def score(self, donors: list[DonorRequest], sample: EncodedSample) -> list[DonorScore]:
         results: dict[str, DonorScore] = {}
         adapters = [r for r in donors if not r.is_base]
-        if self.llm is None:
-            self._first_start(adapters)
+        self._ensure_engine(adapters)
         unsupported: dict[str, tuple[DonorRequest, str]] = {}
         loadable = []
         for req in adapters:
@@ -226,15 +225,27 @@ class VLLMBackend(Backend):
         results.update(self._score_unsupported(list(unsupported.values()), sample))
         return [results[r.donor] for r in donors]
 
-    def _first_start(self, adapters: list[DonorRequest]) -> None:
-        ranks = []
-        for req in adapters:
-            try:
-                ranks.append(adapter_rank(req.path))
-            except (OSError, ValueError, TypeError):
-                continue  # precheck reports it
-        self.rank = supported_rank(max([r for r in ranks if r <= SUPPORTED_RANKS[-1]], default=8))
-        self._start()
+    def _ensure_engine(self, adapters: list[DonorRequest]) -> None:
+        """Start the engine, sized to the largest rank seen so far unless the user fixed max_lora_rank.
+
+        A later call with a larger-rank donor restarts the engine with a larger max_lora_rank (seconds on CPU);
+        with an explicit max_lora_rank such donors fail instead, naming the option.
+        """
+        if self.options.max_lora_rank is None:
+            ranks = []
+            for req in adapters:
+                try:
+                    ranks.append(adapter_rank(req.path))
+                except (OSError, ValueError, TypeError):
+                    continue  # precheck reports it
+            want = supported_rank(max([r for r in ranks if r <= SUPPORTED_RANKS[-1]], default=1))
+            if self.rank is None or want > self.rank:
+                if self.llm is not None:
+                    log.warning("donor rank above max_lora_rank %d: restarting vllm with %d", self.rank, want)
+                    self.close()
+                self.rank = max(want, self.rank or 8)
+        if self.llm is None:
+            self._start()
 
     def _register(self, req: DonorRequest) -> None:
         from vllm.lora.request import LoRARequest

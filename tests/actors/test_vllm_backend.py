@@ -73,6 +73,8 @@ def vworld(tmp_path_factory):
                        init_std=0.2, base_model=base)
     write_lora_adapter(root / "base", root / "bad" / "rank16", seed=8, r=16, target_modules=("q_proj",),
                        init_std=0.05, base_model=base)
+    write_lora_adapter(root / "base", root / "bad" / "embed", seed=9, r=8, target_modules=("q_proj", "embed_tokens"),
+                       init_std=0.2, base_model=base)
     corrupt = root / "bad" / "corrupt"
     corrupt.mkdir(parents=True)
     (corrupt / "adapter_config.json").write_text((root / "pool/qv/donor1/adapter_config.json").read_text())
@@ -202,12 +204,25 @@ def test_cpu_mixed_base_bug_still_present(backend, vworld, vsample, peft_ref):
 
 @pytest.mark.vllm
 def test_unsupported_donors_fail_alone(backend, vworld, vsample, peft_ref):
-    reqs = requests(vworld, ["lm_head", "qv/donor5", "corrupt", "rank16"], first_id=20)
+    reqs = requests(vworld, ["lm_head", "qv/donor5", "corrupt"], first_id=20)
     scores = {s.donor: s for s in backend.score(reqs, vsample)}
     assert "#51594" in scores["lm_head"].error
     assert "vLLM cannot load" in scores["corrupt"].error
-    assert "max_lora_rank" in scores["rank16"].error
     check(scores["qv/donor5"], peft_ref("qv/donor5"))
+
+
+@pytest.mark.vllm
+def test_embed_tokens_donor(backend, vworld, vsample, peft_ref):
+    [score] = backend.score(requests(vworld, ["embed"], first_id=50), vsample)
+    check(score, peft_ref("embed"))
+
+
+@pytest.mark.vllm
+def test_larger_rank_restarts_the_engine(backend, vworld, vsample, peft_ref):
+    assert backend.rank == 8
+    [score] = backend.score(requests(vworld, ["rank16"], first_id=25), vsample)
+    assert backend.rank == 16
+    check(score, peft_ref("rank16"))
 
 
 @pytest.mark.vllm
@@ -251,3 +266,26 @@ def test_compat_patch_is_gated(monkeypatch):
     monkeypatch.setitem(os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     with pytest.raises(RuntimeError, match="VLLM_ENABLE_V1_MULTIPROCESSING=0"):
         vllm_cpu_compat.apply()
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_cli_two_actors_same_schema_and_resume(ray_local, vworld, tmp_path):
+    """`mashup score --backend vllm --actors 2` writes the hf run's schema and numbers, and a rerun scores nothing."""
+    from engine.cli import main
+    from engine.store import read_scores
+
+    args = ["score", "--base", str(vworld / "base"), "--donors", str(vworld / "pool"), "--data",
+            str(vworld / "task.jsonl"), "--donors-per-call", "2"]
+    assert main([*args, "--out", str(tmp_path / "hf"), "--backend", "hf"]) == 0
+    assert main([*args, "--out", str(tmp_path / "vllm"), "--backend", "vllm", "--actors", "2"]) == 0
+    hf, vl = read_scores(tmp_path / "hf"), read_scores(tmp_path / "vllm")
+    assert list(vl.columns) == list(hf.columns) and (vl.dtypes == hf.dtypes).all()
+    a, b = hf.set_index("donor").sort_index(), vl.set_index("donor").sort_index()
+    assert list(a.index) == list(b.index) and len(a) == len(POOL) + 1
+    assert (b.status == "ok").all() and (b.backend == "vllm").all()
+    assert (a.loss - b.loss).abs().max() < TOL and (a.token_accuracy - b.token_accuracy).abs().max() < TOL
+    assert (a.n_tokens == b.n_tokens).all()
+    assert main([*args, "--out", str(tmp_path / "vllm"), "--backend", "vllm", "--actors", "2"]) == 0
+    again = read_scores(tmp_path / "vllm").set_index("donor").sort_index()
+    assert len(again) == len(b) and (again.written_at.values == b.written_at.values).all(), "resume rescored donors"
