@@ -36,7 +36,10 @@ class ModuleSpec:
 
 @dataclass(frozen=True)
 class DonorModule:
-    """One donor's factors of one module, in the donor's dtype, with its merge weight and LoRA scale."""
+    """One donor's factors of one module, as float32, with its merge weight and LoRA scale.
+
+    The factors may be reused buffers: a method copies what it keeps beyond `add`.
+    """
 
     index: int  # position in the donor list: seeds reproducible random masks
     weight: float
@@ -61,7 +64,7 @@ class MergeMethod:
     name: ClassVar[str] = ""
     passes: ClassVar[int] = 1
     equal_ranks: ClassVar[bool] = True
-    options: ClassVar[frozenset[str]] = frozenset()  # which of density / majority_sign / svd_rank apply
+    options: ClassVar[frozenset[str]] = frozenset()  # which of density / majority_sign / seed / svd_rank apply
     required_options: ClassVar[frozenset[str]] = frozenset()
 
     def output_rank(self, options: MergeOptions) -> int:
@@ -80,6 +83,11 @@ class MergeMethod:
 
     def add(self, state: Any, donor: DonorModule, pass_index: int) -> None:
         raise NotImplementedError
+
+    def add_donor(self, states: Sequence[Any], modules: Sequence[DonorModule], pass_index: int) -> None:
+        """All modules of one donor at once; a method may override it to batch many small tensor ops."""
+        for state, module in zip(states, modules):
+            self.add(state, module, pass_index)
 
     def finish(self, state: Any) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

@@ -17,6 +17,7 @@ import torch
 
 from engine.errors import ConfigError, DonorError
 from engine.merge.base import ModuleSpec
+from engine.merge.io import parse_safetensors_header, read_safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +73,9 @@ def read_adapter_config(name: str, path: Path) -> dict[str, Any]:
 def read_donor(name: str, path: str | Path, layouts: dict | None = None) -> Donor:
     """Validate one donor from its config and safetensors header; reads no tensor data.
 
-    `layouts` lets donors with the same tensor layout share one module table, so that describing a thousand
-    donors costs kilobytes, not megabytes.
+    `layouts` caches parsed headers: donors of one shape have byte-identical headers, so a thousand of them are
+    parsed once and share one module table (kilobytes, not megabytes, and no per-donor parsing cost).
     """
-    from safetensors import safe_open
-
     folder = Path(path)
     config = read_adapter_config(name, folder)
     if config.get("peft_type", "LORA") != "LORA":
@@ -92,27 +91,41 @@ def read_donor(name: str, path: str | Path, layouts: dict | None = None) -> Dono
         other = sorted(p.name for p in folder.glob("adapter_model.*"))
         reason = f"weights are not safetensors ({', '.join(other)}); refusing to unpickle" if other else f"no {WEIGHT_FILE}"
         raise DonorError(name, reason)
+    try:
+        raw_header, data_size = read_safetensors_header(weight_file)
+    except (OSError, ValueError) as exc:
+        raise DonorError(name, f"corrupt weight file {weight_file} ({exc})") from None
+    layouts = {} if layouts is None else layouts
+    cache_key = (raw_header, data_size, rank)
+    if cache_key not in layouts:
+        layouts[cache_key] = parse_layout(name, weight_file, raw_header, data_size, rank)
+    dtype, modules = layouts[cache_key]
+    return Donor(
+        name=name, path=folder, rank=rank, alpha=float(alpha), use_rslora=bool(config.get("use_rslora")),
+        dtype=dtype, target_modules=config.get("target_modules"), base_model=config.get("base_model_name_or_path"),
+        modules=modules,
+    )
 
+
+def parse_layout(name: str, weight_file: Path, raw_header: bytes, data_size: int,
+                 rank: int) -> tuple[torch.dtype, dict[str, ModuleKeys]]:
+    """(dtype, module -> keys and shapes) from a safetensors header, checked against the donor's rank."""
+    try:
+        header = parse_safetensors_header(raw_header, data_size)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DonorError(name, f"corrupt weight file {weight_file} ({exc})") from None
     factors: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
     dtypes = set()
-    try:
-        with safe_open(str(weight_file), framework="pt") as handle:
-            for key in handle.keys():
-                match = FACTOR_KEY.match(key)
-                if match is None:
-                    raise DonorError(name, f"unexpected tensor {key!r}; only lora_A/lora_B factors can be merged")
-                tensor_slice = handle.get_slice(key)
-                dtypes.add(tensor_slice.get_dtype())
-                factors.setdefault(match["module"], {})[match["factor"]] = (key, tuple(tensor_slice.get_shape()))
-    except DonorError:
-        raise
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise DonorError(name, f"corrupt weight file {weight_file} ({exc})") from None
+    for key, (dtype, shape) in header.items():
+        match = FACTOR_KEY.match(key)
+        if match is None:
+            raise DonorError(name, f"unexpected tensor {key!r}; only lora_A/lora_B factors can be merged")
+        dtypes.add(dtype)
+        factors.setdefault(match["module"], {})[match["factor"]] = (key, shape)
     if not factors:
         raise DonorError(name, f"{weight_file} holds no LoRA factors")
     if len(dtypes) != 1 or next(iter(dtypes)) not in SAFETENSORS_DTYPES:
         raise DonorError(name, f"tensors must share one float dtype, found {sorted(dtypes)}")
-
     modules = {}
     for module, pair in factors.items():
         if set(pair) != {"A", "B"}:
@@ -121,13 +134,7 @@ def read_donor(name: str, path: str | Path, layouts: dict | None = None) -> Dono
         if len(a_shape) < 2 or len(b_shape) < 2 or a_shape[0] != rank or b_shape[1] != rank:
             raise DonorError(name, f"module {module}: factor shapes {a_shape} / {b_shape} do not match r={rank}")
         modules[module] = ModuleKeys(a_key, b_key, a_shape, b_shape)
-    if layouts is not None:
-        modules = layouts.setdefault(tuple(modules.items()), modules)
-    return Donor(
-        name=name, path=folder, rank=rank, alpha=float(alpha), use_rslora=bool(config.get("use_rslora")),
-        dtype=SAFETENSORS_DTYPES[next(iter(dtypes))], target_modules=config.get("target_modules"),
-        base_model=config.get("base_model_name_or_path"), modules=modules,
-    )
+    return SAFETENSORS_DTYPES[next(iter(dtypes))], modules
 
 
 def check_equal_ranks(donors: Sequence[Donor], method: str) -> None:
@@ -145,7 +152,11 @@ def union_modules(donors: Sequence[Donor]) -> list[ModuleSpec]:
     """Every module any donor adapts; a donor without a module contributes zero to it (as in PEFT)."""
     specs: dict[str, ModuleSpec] = {}
     owners: dict[str, str] = {}
+    seen_layouts: set[int] = set()
     for donor in donors:
+        if id(donor.modules) in seen_layouts:
+            continue
+        seen_layouts.add(id(donor.modules))
         for module, keys in donor.modules.items():
             spec = ModuleSpec(module, keys.a_key, keys.b_key, keys.a_shape[1:], keys.b_shape[0], keys.b_shape[2:])
             known = specs.setdefault(module, spec)

@@ -11,29 +11,96 @@ import json
 import os
 import shutil
 import struct
+import threading
 import secrets
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, DonorError
 
 SAFETENSORS_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 
-@contextlib.contextmanager
-def open_donor(weight_file: str | Path) -> Iterator:
-    """A lazy handle on one donor's safetensors: tensors are read (by mmap) only when asked for."""
-    from safetensors import safe_open
+class Float32Staging:
+    """Reusable float32 buffers, one per tensor key, that each donor's factors are cast into with one call.
 
-    with safe_open(str(weight_file), framework="pt") as handle:
-        yield handle
+    LoRA factors are small, so a merge of many donors pays per-call overhead rather than bandwidth; one
+    `_foreach_copy_` per donor replaces a cast per tensor. The buffers are overwritten by the next donor.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def cast(self, keys: Sequence[str], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        if all(t.dtype == torch.float32 for t in tensors):
+            return tensors
+        staged = []
+        for key, tensor in zip(keys, tensors):
+            buffer = self.buffers.get(key)
+            if buffer is None or buffer.shape != tensor.shape:
+                buffer = self.buffers[key] = torch.empty(tensor.shape, dtype=torch.float32)
+            staged.append(buffer)
+        torch._foreach_copy_(staged, tensors)
+        return staged
+
+
+@contextlib.contextmanager
+def open_donor(name: str, weight_file: str | Path,
+               staging: Float32Staging) -> Iterator[Callable[[Sequence[str]], list[torch.Tensor]]]:
+    """A lazy reader on one donor's safetensors: `read(keys)` maps just those tensors in, as float32."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weight_file), framework="pt") as handle:
+            yield lambda keys: staging.cast(keys, [handle.get_tensor(key) for key in keys])
+    except SafetensorError as exc:
+        raise DonorError(name, f"cannot read {weight_file} ({exc})") from None
+
+
+def read_safetensors_header(path: str | Path) -> tuple[bytes, int]:
+    """The raw JSON header and the size of the data that follows it; reads kilobytes, never tensor data."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        prefix = fh.read(8)
+        if len(prefix) != 8:
+            raise ValueError("file shorter than a safetensors header")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(size - 8, 100 << 20):
+            raise ValueError(f"header length {length} does not fit the file")
+        return fh.read(length), size - 8 - length
+
+
+def parse_safetensors_header(raw: bytes, data_size: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """key -> (dtype, shape), after checking that every tensor lies inside the file."""
+    header = json.loads(raw)
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    entries = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        begin, end = entry["data_offsets"]
+        if not 0 <= begin <= end <= data_size:
+            raise ValueError(f"tensor {key} lies outside the file")
+        entries[key] = (entry["dtype"], tuple(entry["shape"]))
+    return entries
 
 
 def sha256_file(path: str | Path) -> str:
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def sha256_files(paths: Sequence[Path], stop: threading.Event) -> list[str]:
+    """Digests in order, for merge_info.json; gives up early once `stop` is set (the merge failed)."""
+    digests = []
+    for path in paths:
+        if stop.is_set():
+            return []
+        digests.append(sha256_file(path))
+    return digests
 
 
 class SafetensorsStreamWriter:

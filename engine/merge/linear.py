@@ -6,6 +6,7 @@ the two agree on ΔW only for uniform weights and equal scales. Differing scales
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -32,6 +33,14 @@ class LinearMerge(MergeMethod):
     def add(self, state: LinearState, donor: DonorModule, pass_index: int) -> None:
         state.lora_A.add_(donor.lora_A, alpha=donor.weight)
         state.lora_B.add_(donor.lora_B, alpha=donor.weight * donor.scale if state.fold_scale else donor.weight)
+
+    def add_donor(self, states: Sequence[LinearState], modules: Sequence[DonorModule], pass_index: int) -> None:
+        if not modules:
+            return
+        donor = modules[0]
+        b_weight = donor.weight * donor.scale if states[0].fold_scale else donor.weight
+        torch._foreach_add_([s.lora_A for s in states], [m.lora_A for m in modules], alpha=donor.weight)
+        torch._foreach_add_([s.lora_B for s in states], [m.lora_B for m in modules], alpha=b_weight)
 
     def finish(self, state: LinearState) -> tuple[torch.Tensor, torch.Tensor]:
         return state.lora_A, state.lora_B

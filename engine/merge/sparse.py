@@ -49,7 +49,6 @@ def dare_keep_mask(shape: torch.Size, density: float, seed: int, donor_index: in
 
 
 class SparseTaskArithmetic(MergeMethod):
-    options = frozenset({"density", "majority_sign"})
     required_options = frozenset({"density"})
 
     def __init__(self, name: str, pruning: Literal["magnitude", "random"], elect_sign: bool):
@@ -57,8 +56,8 @@ class SparseTaskArithmetic(MergeMethod):
         self.pruning = pruning
         self.elect_sign = elect_sign
         self.passes = 2 if elect_sign else 1
-        if not elect_sign:
-            self.options = frozenset({"density"})
+        self.options = frozenset({"density"} | ({"majority_sign"} if elect_sign else set())
+                                 | ({"seed"} if pruning == "random" else set()))
 
     def state_bytes(self, module: ModuleSpec, rank: int) -> int:
         return (3 if self.elect_sign else 1) * super().state_bytes(module, rank)
@@ -82,7 +81,7 @@ class SparseTaskArithmetic(MergeMethod):
         factor_weight = math.sqrt(donor.weight * donor.scale)
         for factor, tensor in (("A", donor.lora_A), ("B", donor.lora_B)):
             acc = state.factors[factor]
-            pruned = self.pruned(tensor.float(), state, donor.index, factor)
+            pruned = self.pruned(tensor, state, donor.index, factor)
             if not self.elect_sign:
                 acc.total.add_(pruned, alpha=factor_weight)
             elif pass_index == 0:

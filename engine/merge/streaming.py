@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -21,7 +22,7 @@ from engine.merge.donors import (
     CONFIG_FILE, WEIGHT_FILE, Donor, check_equal_ranks, read_adapter_config, read_donor, union_modules,
     union_target_modules, warn_on_base_mismatch, output_dtype,
 )
-from engine.merge.io import SafetensorsStreamWriter, atomic_output_dir, open_donor, sha256_file, write_json
+from engine.merge.io import Float32Staging, SafetensorsStreamWriter, atomic_output_dir, open_donor, sha256_files, write_json
 from engine.merge.registry import get_method
 
 log = logging.getLogger(__name__)
@@ -88,19 +89,21 @@ def stream_modules(donors: Sequence[Donor], weights: Sequence[float], method: Me
     """The hot loop: per group, per pass, per donor (one open file), per module: `method.add`."""
     from tqdm.auto import tqdm
 
+    staging = Float32Staging()
     total = len(groups) * method.passes * len(donors)
     with tqdm(total=total, disable=not progress, unit="donor", desc=f"merge {method.name}", dynamic_ncols=True) as bar:
         for group in groups:
             states = {module.name: method.begin(module, rank, options) for module in group}
             for pass_index in range(method.passes):
                 for index, donor in enumerate(donors):
-                    with open_donor(donor.weight_file) as handle:
-                        for module in group:
-                            keys = donor.modules.get(module.name)
-                            if keys is not None:
-                                method.add(states[module.name], DonorModule(
-                                    index, weights[index], donor.scale,
-                                    handle.get_tensor(keys.a_key), handle.get_tensor(keys.b_key)), pass_index)
+                    present = [(module.name, donor.modules[module.name]) for module in group if module.name in donor.modules]
+                    with open_donor(donor.name, donor.weight_file, staging) as read:
+                        tensors = read([key for _, keys in present for key in (keys.a_key, keys.b_key)])
+                    method.add_donor(
+                        [states[name] for name, _ in present],
+                        [DonorModule(index, weights[index], donor.scale, a, b) for a, b in zip(tensors[::2], tensors[1::2])],
+                        pass_index,
+                    )
                     bar.update()
             for module in group:
                 lora_A, lora_B = method.finish(states.pop(module.name))
@@ -138,27 +141,26 @@ def merge_with_config(config: MergeConfig) -> Path:
     progress = config.progress if config.progress is not None else len(groups) * method.passes * len(donors) >= PROGRESS_MIN_READS
     adapter_config = merged_adapter_config(donors, method, options, rank)
 
+    stop_hashing = threading.Event()
     with atomic_output_dir(config.out, config.overwrite) as tmp, ThreadPoolExecutor(1) as hasher:
-        digests: list[Future] = [hasher.submit(sha256_file, d.weight_file) for d in donors]
+        digests = hasher.submit(sha256_files, [d.weight_file for d in donors], stop_hashing)  # overlaps the merge
         writer = SafetensorsStreamWriter(tmp / WEIGHT_FILE, layout, dtype)
         try:
             stream_modules(donors, weights, method, options, groups, rank, writer, progress)
             writer.close()
         except BaseException:
             writer.abort()
-            for digest in digests:
-                digest.cancel()
+            stop_hashing.set()
             raise
         write_json(tmp / CONFIG_FILE, adapter_config)
         write_json(tmp / MERGE_INFO_FILE, {
             "method": method.name,
             "donors": names,
             "weights": weights,
-            "sha256": [d.result() for d in digests],
+            "sha256": digests.result(),
             "paths": [str(p) for p in paths],
             "engine_version": __version__,
-            "options": {"density": config.density, "majority_sign": options.majority_sign if "majority_sign" in method.options else None,
-                        "seed": config.seed, "svd_rank": config.svd_rank},
+            "options": {name: getattr(options, name) for name in sorted(method.options)},
             "r": adapter_config["r"],
             "lora_alpha": adapter_config["lora_alpha"],
             "dtype": str(dtype).removeprefix("torch."),

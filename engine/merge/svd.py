@@ -32,7 +32,7 @@ class SvdMerge(MergeMethod):
 
     def add(self, state: tuple[torch.Tensor, int], donor: DonorModule, pass_index: int) -> None:
         delta, _ = state
-        delta.addmm_(donor.lora_B.float(), donor.lora_A.float(), alpha=donor.weight * donor.scale)
+        delta.addmm_(donor.lora_B, donor.lora_A, alpha=donor.weight * donor.scale)
 
     def finish(self, state: tuple[torch.Tensor, int]) -> tuple[torch.Tensor, torch.Tensor]:
         delta, rank = state
