@@ -90,17 +90,12 @@ class Selection(StrictModel):
 
 def read_score_rows(scores: str | Path):
     """The deduplicated store rows; `engine.store.read_scores` also folds in the write-ahead journal."""
+    from engine.store import read_scores
+
     path = Path(scores)
     if not path.exists():
         raise DataError(f"scores: not found: {path}")
-    try:
-        from engine.store import read_scores
-    except ImportError:  # the store module lands separately; plain parquet is the same table minus the journal
-        import pandas as pd
-
-        rows = pd.read_parquet(path / "scores.parquet" if path.is_dir() else path)
-    else:
-        rows = read_scores(path)
+    rows = read_scores(path)
     if rows.empty:
         raise DataError(f"scores: no rows in {path}")
     return rows

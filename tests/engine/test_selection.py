@@ -148,3 +148,12 @@ def test_cli_config_file_and_user_errors(scores, tmp_path, capsys):
     assert main(["select", "--scores", str(scores), "--out", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "k: required" in err[0]
+
+
+def test_rows_still_in_the_store_journal_are_selected(tmp_path):
+    from engine.store import ScoreStore
+
+    store = ScoreStore(tmp_path, compact_every_s=3600)  # rows stay in the write-ahead journal
+    store.append([score_row("__base__", 1.0), score_row("a", 0.9), score_row("b", 0.4)])
+    assert not (tmp_path / "scores.parquet").exists()
+    assert names(select(tmp_path, k=1)) == ["b"]
