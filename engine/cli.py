@@ -15,6 +15,7 @@ COMMANDS = (
     "engine.commands.select",
     "engine.commands.merge",
     "engine.commands.finetune",
+    "engine.commands.run",
 )
 
 

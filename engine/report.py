@@ -1,0 +1,180 @@
+"""The run report: selected donors, per-arm results with parity against the baseline, stage timings, plots.
+
+Written atomically (temp file + rename) as `report.md` beside `results.json` and `plots/*.png`, so a person
+sees, honestly, whether recycling helped: the verdict line is computed from the same numbers as the table.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from engine.analysis import ArmRuns, best_lr, load_runs, mean_std, parity_step, seconds_at
+
+
+def _final_eval(cfg, run_dir: Path) -> dict[str, Any]:
+    """Held-out evaluation of a finished run's adapter, cached beside it."""
+    cache = run_dir / "final_eval.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.data import load_jsonl
+    from engine.evaluate import evaluate
+
+    from engine.finetune.outputs import INFO_FILE
+
+    info = run_dir / "adapter" / INFO_FILE
+    ft = json.loads(info.read_text()).get("config", {}) if info.exists() else {}
+    tok = AutoTokenizer.from_pretrained(cfg.base)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.base, dtype=torch.float32),
+                                      str(run_dir / "adapter"))
+    result = evaluate(model, tok, load_jsonl(cfg.eval), chat_template=bool(ft.get("chat_template", False))).summary()
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(cache)
+    return result
+
+
+def collect(cfg) -> dict[str, Any]:
+    from engine.run import run_name
+    from engine.store import read_scores
+
+    arms: dict[str, ArmRuns] = {}
+    for arm in cfg.arms:
+        candidates = [load_runs(arm.name, lr, {s: cfg.arm_dir(arm) / "runs" / run_name(lr, s) for s in cfg.sweep.seeds})
+                      for lr in cfg.lrs()]
+        arms[arm.name] = best_lr(candidates)
+    metric = arms[cfg.baseline].metric_name()
+    target = mean_std(arms[cfg.baseline].final(metric))[0]
+    timings = json.loads((cfg.out / "timings.json").read_text()) if (cfg.out / "timings.json").exists() else {}
+    scores = read_scores(cfg.out / "score") if (cfg.out / "score").exists() else None
+    rows = []
+    for spec in cfg.arms:
+        runs = arms[spec.name]
+        curve = runs.mean_curve()
+        step = parity_step(runs, target, metric)
+        overhead = timings.get("score", 0.0) + timings.get(f"select+merge:{spec.name}", 0.0) if spec.init == "merge" else 0.0
+        final_m, final_s = mean_std(runs.final(metric))
+        row = {
+            "arm": spec.name, "init": spec.init, "lr": runs.lr, "seeds": len(runs.curves),
+            "metric": metric, "step0": float(curve[(metric, "mean")].iloc[0]),
+            "final": final_m, "final_std": final_s, "final_loss": mean_std(runs.final("loss"))[0],
+            "steps": int(curve.index.max()), "parity_step": step,
+            "parity_pct": None if step is None else 100.0 * step / max(1, int(curve.index.max())),
+            "seconds_to_parity": None if step is None else overhead + seconds_at(runs, step),
+            "overhead_seconds": overhead,
+        }
+        if cfg.eval is not None:
+            evals = [_final_eval(cfg, cfg.arm_dir(spec) / "runs" / run_name(runs.lr, s)) for s in runs.curves]
+            key = "accuracy" if evals[0].get("accuracy") is not None else "loss"
+            row["heldout_metric"] = key
+            row["heldout"], row["heldout_std"] = mean_std([e[key] for e in evals])
+        rows.append(row)
+    selections = {a.name: json.loads((cfg.arm_dir(a) / "selection.json").read_text())
+                  for a in cfg.arms if (cfg.arm_dir(a) / "selection.json").exists()}
+    return {"metric": metric, "baseline": cfg.baseline, "target": target, "rows": rows, "timings": timings,
+            "selections": selections, "arms": arms, "scores": scores}
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def plot(data: dict[str, Any], folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for metric in ("accuracy", "loss"):
+        if metric == "accuracy" and data["metric"] != "accuracy":
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        for name, runs in data["arms"].items():
+            c = runs.mean_curve()[metric]
+            ax.plot(c.index, c["mean"], marker="o", ms=3, label=f"{name} (lr {runs.lr})" if runs.lr else name)
+            ax.fill_between(c.index, c["min"], c["max"], alpha=0.15)
+        if metric == data["metric"]:
+            ax.axhline(data["target"], ls="--", lw=1, color="gray", label=f"{data['baseline']} final")
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"validation {metric}")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = folder / f"val_{metric}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def verdict(data: dict[str, Any]) -> list[str]:
+    base = next(r for r in data["rows"] if r["arm"] == data["baseline"])
+    lines = []
+    for r in data["rows"]:
+        if r["arm"] == data["baseline"]:
+            continue
+        delta = r["final"] - base["final"]
+        sign = 100.0 if data["metric"] == "accuracy" else 1.0
+        gain = delta if data["metric"] == "accuracy" else -delta
+        reached = (f"reached {data['baseline']}'s final {data['metric']} at step {r['parity_step']} "
+                   f"({r['parity_pct']:.0f}% of the budget)") if r["parity_step"] is not None else (
+                   f"never reached {data['baseline']}'s final {data['metric']}")
+        helped = "helped" if gain > 0 and r["parity_step"] is not None and r["parity_step"] < base["steps"] else "did not help"
+        unit = "pp" if data["metric"] == "accuracy" else "nats"
+        lines.append(f"- **{r['arm']}: recycling {helped}.** It {reached}, and ended {delta * sign:+.2f} {unit} "
+                     f"against {data['baseline']} (final {_fmt(r['final'])} vs {_fmt(base['final'])}).")
+    return lines
+
+
+def render(cfg, data: dict[str, Any], plots: list[Path]) -> str:
+    m = data["metric"]
+    out = [f"# mashup run report", "", f"*{time.strftime('%Y-%m-%d %H:%M')}* — base `{cfg.base}`, task `{cfg.train}`, "
+           f"validation `{cfg.val}`, held-out `{cfg.eval}`.", "", "## Verdict", "", *verdict(data), ""]
+    scores = data["scores"]
+    if scores is not None and len(scores):
+        ok = scores[scores.status == "ok"]
+        base = ok[ok.donor == "__base__"]
+        out += ["## Scoring", "", f"{len(ok) - len(base)} donors scored, {int((scores.status == 'failed').sum())} failed; "
+                f"base loss {_fmt(float(base.loss.iloc[0]) if len(base) else None)} nats/token.", ""]
+    for arm, sel in data["selections"].items():
+        out += [f"### Selected for `{arm}` ({sel['strategy']}, k={sel['k']}, {sel['weighting']})", "",
+                "| donor | loss | weight |", "|---|---|---|",
+                *[f"| {d['donor']} | {_fmt(d['loss'])} | {_fmt(d['weight'])} |" for d in sel["donors"]], ""]
+    held = "heldout" in data["rows"][0]
+    out += ["## Results", "", f"Validation {m}, mean ± std over seeds at each arm's best LR. Parity: the first evaluation "
+            f"at which the arm's mean reaches `{data['baseline']}`'s final value. Wall-clock to parity includes scoring and "
+            "merge for recycled arms.", "",
+            "| arm | best LR | step-0 | final ± std | final loss | " + ("held-out ± std | " if held else "")
+            + "parity step (% budget) | wall-clock to parity |",
+            "|---|---|---|---|---|" + ("---|" if held else "") + "---|---|"]
+    for r in data["rows"]:
+        parity = "never" if r["parity_step"] is None else f"{r['parity_step']} ({r['parity_pct']:.0f}%)"
+        secs = "—" if r["seconds_to_parity"] is None else f"{r['seconds_to_parity']:.1f}s"
+        ho = f"{_fmt(r['heldout'])} ± {_fmt(r['heldout_std'])} | " if held else ""
+        out.append(f"| {r['arm']} | {r['lr'] if r['lr'] is not None else 'config'} | {_fmt(r['step0'])} | "
+                   f"{_fmt(r['final'])} ± {_fmt(r['final_std'])} | {_fmt(r['final_loss'])} | {ho}{parity} | {secs} |")
+    out += ["", "## Wall-clock per stage", "", "| stage | seconds |", "|---|---|",
+            *[f"| {k} | {v:.1f} |" for k, v in data["timings"].items()], "", "## Curves", "",
+            *[f"![{p.stem}](plots/{p.name})" for p in plots], ""]
+    return "\n".join(out)
+
+
+def write_report(cfg) -> Path:
+    data = collect(cfg)
+    plots = plot(data, cfg.out / "plots")
+    text = render(cfg, data, plots)
+    results = {k: v for k, v in data.items() if k not in ("arms", "scores")}
+    for path, content in ((cfg.out / "results.json", json.dumps(results, indent=1, default=str)),
+                          (cfg.out / "report.md", text)):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(content)
+        tmp.replace(path)
+    return cfg.out / "report.md"

@@ -1,0 +1,188 @@
+"""`mashup run`: score → select → merge → finetune every arm (× LRs × seeds) → evaluate → report, in one folder.
+
+Each stage's outputs are kept, so rerunning the same config resumes: scoring skips donors already scored,
+a merge whose selection is unchanged is not redone, a finetune run with a finished log is not retrained.
+The best LR of each arm is chosen on the validation split (as the paper does), then its seeds are compared.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from engine.config import StrictModel, format_validation_error
+from engine.errors import ConfigError
+
+log = logging.getLogger("mashup.run")
+
+
+class ArmSpec(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
+    init: Literal["merge", "none"] = "merge"
+    select: dict[str, Any] = Field(default_factory=dict, description="overrides of the run's select section")
+    merge: dict[str, Any] = Field(default_factory=dict, description="overrides of the run's merge section")
+
+
+class SweepSpec(StrictModel):
+    lrs: list[float] | None = Field(None, min_length=1, description="None: finetune.lr alone")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+
+
+class RunConfig(StrictModel):
+    out: Path
+    base: str
+    donors: list[str] = Field(min_length=1)
+    train: Path = Field(description="the new task's training data; scoring samples from it")
+    val: Path | None = Field(None, description="picks the best LR per arm; gives the curves and parity")
+    eval: Path | None = Field(None, description="held-out final evaluation (multiple choice when it has choices)")
+    score: dict[str, Any] = Field(default_factory=dict)
+    select: dict[str, Any] = Field(default_factory=lambda: {"k": 2})
+    merge: dict[str, Any] = Field(default_factory=dict)
+    finetune: dict[str, Any] = Field(default_factory=dict)
+    arms: list[ArmSpec] = Field(
+        default_factory=lambda: [ArmSpec(name="mashup"), ArmSpec(name="scratch", init="none")], min_length=1
+    )
+    baseline: str = "scratch"
+    sweep: SweepSpec = Field(default_factory=SweepSpec)
+
+    @field_validator("arms")
+    @classmethod
+    def _unique(cls, arms: list[ArmSpec]) -> list[ArmSpec]:
+        names = [a.name for a in arms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"arm names must be unique, got {names}")
+        return arms
+
+    def stage(self, section: str, model_cls, fixed: dict[str, Any], extra: dict[str, Any] | None = None):
+        """Validate one stage's section with the run's own values filled in; errors name `section.field`."""
+        data = {**getattr(self, section), **(extra or {}), **fixed}
+        try:
+            return model_cls.model_validate(data)
+        except ValueError as exc:
+            raise ConfigError(format_validation_error(exc, section) if hasattr(exc, "errors") else f"{section}: {exc}") from None
+
+    def score_config(self):
+        from engine.scoring import ScoreConfig
+
+        return self.stage("score", ScoreConfig, {"base": self.base, "donors": self.donors, "data": self.train,
+                                                 "out": self.out / "score"})
+
+    def select_config(self, arm: ArmSpec):
+        from engine.selection import SelectConfig
+
+        return self.stage("select", SelectConfig, {"scores": self.out / "score" / "scores.parquet",
+                                                   "out": self.arm_dir(arm) / "selection.json"}, arm.select)
+
+    def merge_config(self, arm: ArmSpec):
+        from engine.merge import MergeConfig
+
+        return self.stage("merge", MergeConfig, {"selection": self.arm_dir(arm) / "selection.json",
+                                                 "out": self.arm_dir(arm) / "merged", "overwrite": True}, arm.merge)
+
+    def finetune_config(self, arm: ArmSpec, lr: float | None, seed: int):
+        from engine.finetune import FinetuneConfig
+
+        fixed = {"base": self.base, "data": str(self.train), "eval": str(self.val) if self.val else None,
+                 "init": str(self.arm_dir(arm) / "merged") if arm.init == "merge" else None, "seed": seed,
+                 "out": str(self.arm_dir(arm) / "runs" / run_name(lr, seed))}
+        if lr is not None:
+            fixed["lr"] = lr
+        return self.stage("finetune", FinetuneConfig, fixed)
+
+    def arm_dir(self, arm: ArmSpec) -> Path:
+        return self.out / "arms" / arm.name
+
+    def lrs(self) -> list[float | None]:
+        return list(self.sweep.lrs) if self.sweep.lrs else [None]
+
+    def check(self) -> None:
+        """Every stage's config, validated before any expensive work."""
+        if self.baseline not in {a.name for a in self.arms}:
+            raise ConfigError(f"baseline: {self.baseline!r} is not one of the arms")
+        for path in (self.train, self.val, self.eval):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"data file not found: {path}")
+        self.score_config()
+        for arm in self.arms:
+            if arm.init == "merge":
+                self.select_config(arm)
+                self.merge_config(arm)
+            for lr in self.lrs():
+                self.finetune_config(arm, lr, self.sweep.seeds[0])
+
+
+def run_name(lr: float | None, seed: int) -> str:
+    return f"lr{lr:g}_seed{seed}" if lr is not None else f"seed{seed}"
+
+
+class Timings:
+    """Wall-clock per stage, persisted so a resumed run still reports what earlier attempts spent."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+
+    def add(self, key: str, seconds: float) -> None:
+        self.data[key] = self.data.get(key, 0.0) + seconds
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.replace(self.path)
+
+
+def _finished(run_dir: Path) -> bool:
+    return (run_dir / "log.parquet").exists() and (run_dir / "adapter" / "adapter_model.safetensors").exists()
+
+
+def _merge_is_current(arm_dir: Path, method: str) -> bool:
+    info, sel = arm_dir / "merged" / "merge_info.json", arm_dir / "selection.json"
+    if not (info.exists() and sel.exists()):
+        return False
+    merged, chosen = json.loads(info.read_text()), json.loads(sel.read_text())
+    return (merged.get("method") == method and merged.get("donors") == [d["donor"] for d in chosen["donors"]]
+            and [round(w, 12) for w in merged.get("weights", [])] == [round(d["weight"], 12) for d in chosen["donors"]])
+
+
+def run(cfg: RunConfig) -> Path:
+    """All stages in order; returns the report path."""
+    from engine.finetune import finetune
+    from engine.merge.streaming import merge_with_config
+    from engine.report import write_report
+    from engine.scoring import score
+    from engine.selection import select_with_config
+
+    cfg.check()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "config.json").write_text(cfg.model_dump_json(indent=1))
+    timings = Timings(cfg.out / "timings.json")
+    if any(a.init == "merge" for a in cfg.arms):
+        t0 = time.perf_counter()
+        summary = score(cfg.score_config())
+        timings.add("score", time.perf_counter() - t0)
+        log.info("scoring: %d scored, %d failed, %d already done", summary.scored, summary.failed, summary.skipped_done)
+    for arm in cfg.arms:
+        if arm.init != "merge":
+            continue
+        t0 = time.perf_counter()
+        select_with_config(cfg.select_config(arm))
+        merge_cfg = cfg.merge_config(arm)
+        if not _merge_is_current(cfg.arm_dir(arm), merge_cfg.method):
+            merge_with_config(merge_cfg)
+        timings.add(f"select+merge:{arm.name}", time.perf_counter() - t0)
+    for arm in cfg.arms:
+        for lr in cfg.lrs():
+            for seed in cfg.sweep.seeds:
+                ft = cfg.finetune_config(arm, lr, seed)
+                run_dir = Path(ft.out)
+                if _finished(run_dir):
+                    continue
+                shutil.rmtree(run_dir, ignore_errors=True)
+                log.info("finetune %s %s", arm.name, run_name(lr, seed))
+                t0 = time.perf_counter()
+                finetune(ft)
+                timings.add(f"finetune:{arm.name}/{run_name(lr, seed)}", time.perf_counter() - t0)
+    return write_report(cfg)
