@@ -39,6 +39,7 @@ class FinetuneResult:
 def finetune(config: FinetuneConfig) -> FinetuneResult:
     """Train a LoRA from `config.init` (or from scratch) and return where the adapter is and what happened."""
     t0 = time.perf_counter()
+    config = config.resolved()
     _preflight(config)
     if config.executor == "deepspeed":
         from engine.finetune.deepspeed_ray import run_deepspeed

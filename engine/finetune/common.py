@@ -34,6 +34,7 @@ def deepspeed_env(use_gpu: bool) -> dict[str, str]:
 
 
 def apply_deepspeed_env(use_gpu: bool) -> None:
+    """setdefault, so that a user's own TORCH_EXTENSIONS_DIR or DS_ACCELERATOR always wins."""
     for key, value in deepspeed_env(use_gpu).items():
         os.environ.setdefault(key, value)
 
@@ -57,6 +58,7 @@ def load_task(cfg: FinetuneConfig, tokenizer: Any, max_length: int | None) -> Ta
 
 
 def load_tokenizer(cfg: FinetuneConfig) -> Any:
+    """The base's own tokenizer: the tokenization contract (DESIGN.md §2) must match the one scoring used."""
     from transformers import AutoTokenizer
 
     if not Path(cfg.base).is_dir():
@@ -95,6 +97,7 @@ def build_model(cfg: FinetuneConfig, dtype: torch.dtype = torch.float32) -> Any:
 
 
 def check_init_dir(path: str) -> Path:
+    """Checked in the driver before any worker starts; safetensors only, so loading never unpickles."""
     init = Path(path)
     if not (init / "adapter_config.json").is_file():
         raise ConfigError(f"init: {init} is not a PEFT adapter directory (no adapter_config.json)")
@@ -168,6 +171,7 @@ def micro_batch_loss(
 
 
 def make_optimizer(cfg: FinetuneConfig, model: Any) -> tuple[torch.optim.Optimizer, Any]:
+    """torch AdamW for both executors (DeepSpeed ZeRO wraps it), so their updates are the same arithmetic."""
     from transformers import get_cosine_schedule_with_warmup
 
     params = [p for p in model.parameters() if p.requires_grad]

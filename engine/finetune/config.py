@@ -87,6 +87,13 @@ class FinetuneConfig(StrictModel):
         """Examples per forward pass on one worker."""
         return self.batch_size // (self.grad_accum * self.world_size)
 
+    def resolved(self) -> "FinetuneConfig":
+        """Absolute paths, taken against the driver's cwd: Ray workers run elsewhere and must read the same files."""
+        paths = {k: getattr(self, k) for k in ("base", "data", "out", "init", "eval")}
+        return self.model_copy(
+            update={k: str(Path(v).expanduser().resolve()) for k, v in paths.items() if v is not None}
+        )
+
     @property
     def out_path(self) -> Path:
         return Path(self.out).expanduser().resolve()

@@ -22,7 +22,10 @@ INFO_FILE = "finetune_info.json"
 
 
 class TrainLog:
-    """Rows appended to log.jsonl as they happen (flushed each time); log.parquet is written by `close`."""
+    """Rows appended to log.jsonl as they happen (flushed each time); log.parquet is written by `close`.
+
+    `seconds` is wall-clock time since the training loop began (after the model loaded), so runs compare fairly.
+    """
 
     def __init__(self, out_dir: Path):
         self.out_dir = out_dir
@@ -47,6 +50,7 @@ class TrainLog:
 
 
 def read_log(out_dir: Path) -> list[dict[str, Any]]:
+    """From log.jsonl, which every executor writes (rank 0 in DeepSpeed runs), so the driver needs no worker state."""
     path = out_dir / LOG_JSONL
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

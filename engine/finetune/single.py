@@ -38,6 +38,7 @@ class SingleStepper:
 
 
 def run_single(cfg: FinetuneConfig) -> None:
+    """Everything in this process; the log, checkpoints and adapter land in `cfg.out`."""
     device = resolve_device(cfg.device)
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     tokenizer = load_tokenizer(cfg)

@@ -5,6 +5,8 @@ batch, so world size 1 must reproduce the single-process losses, and 2 workers (
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from engine.data import load_jsonl
@@ -40,8 +42,11 @@ def deepspeed_config(config_for, name: str, workers: int):
                                                              "cpus_per_worker": 0.5})
 
 
-def test_world_size_1_reproduces_the_single_process_losses(ray_train, config_for, single_run):
-    ds = finetune(deepspeed_config(config_for, "ds1", workers=1))
+def test_world_size_1_reproduces_the_single_process_losses(ray_train, config_for, single_run, tmp_path, monkeypatch):
+    cfg = deepspeed_config(config_for, "ds1", workers=1)
+    monkeypatch.chdir(tmp_path)  # relative paths must reach the workers, whose cwd is not the driver's
+    relative = {k: os.path.relpath(getattr(cfg, k)) for k in ("base", "data", "eval", "init", "out")}
+    ds = finetune(cfg.model_copy(update=relative))
     assert ds.train_losses() == pytest.approx(single_run.train_losses(), abs=SAME_WORLD_TOL)
     assert [e["loss"] for e in ds.evals()] == pytest.approx([e["loss"] for e in single_run.evals()], abs=SAME_WORLD_TOL)
     assert [r["lr"] for r in ds.log if r["event"] == "train"] == pytest.approx(
