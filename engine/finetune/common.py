@@ -25,7 +25,7 @@ TORCH_EXTENSIONS_DEFAULT = "~/.cache/mashup/torch_extensions"
 def deepspeed_env(use_gpu: bool) -> dict[str, str]:
     """Env vars to set before `import deepspeed`, in the driver and in every worker.
 
-    A stable TORCH_EXTENSIONS_DIR makes DeepSpeed JIT-compile its ops (~200 s on CPU) once per machine.
+    A stable TORCH_EXTENSIONS_DIR makes DeepSpeed JIT-compile its CPU comm op (100-200 s) once per machine.
     """
     env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", os.path.expanduser(TORCH_EXTENSIONS_DEFAULT))}
     if not use_gpu:
@@ -69,7 +69,7 @@ def load_tokenizer(cfg: FinetuneConfig) -> Any:
 def build_model(cfg: FinetuneConfig, dtype: torch.dtype = torch.float32) -> Any:
     """The base with one trainable LoRA: the `init` adapter (trained further, as the paper does) or a fresh one.
 
-    Seeded, so the fresh LoRA's A matrices are identical on every worker; B starts at zero either way for scratch.
+    Seeded, so a fresh LoRA's A matrices are the same on every worker (its B starts at zero).
     """
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
