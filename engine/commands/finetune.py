@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed for the LoRA init and the data order (default 0)")
     p.add_argument("--eval-every", type=int, dest="eval_every", help="evaluate every N steps (default: start and end)")
     p.add_argument("--save-every", type=int, dest="save_every", help="checkpoint every N steps (default: none)")
+    p.add_argument("--ray-address", dest="ray_address", help="Ray cluster address (deepspeed executor; default: local Ray)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace a run already in --out")
     p.set_defaults(handler=run)
 
@@ -30,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     keys = (
         "base", "data", "init", "eval", "out", "executor", "steps", "batch_size", "grad_accum", "lr", "seed",
-        "eval_every", "save_every", "overwrite",
+        "eval_every", "save_every", "overwrite", "ray_address",
     )
     cfg = build_config(FinetuneConfig, args.config, {k: getattr(args, k) for k in keys})
     result = finetune(cfg)

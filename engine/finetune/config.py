@@ -23,7 +23,7 @@ class DeepSpeedSettings(StrictModel):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one process per worker)")
     use_gpu: bool = Field(False, description="one GPU per worker and NCCL; otherwise CPU and gloo")
     cpus_per_worker: float = Field(1, gt=0)
-    zero_stage: Literal[0, 1, 2] = 2
+    zero_stage: Literal[0, 1, 2] = Field(2, description="ZeRO-3 is not supported: eval and saving need full params")
     extra: dict[str, Any] = Field(
         default_factory=dict, description="merged over the generated DeepSpeed config (advanced)"
     )
@@ -60,6 +60,7 @@ class FinetuneConfig(StrictModel):
     chat_template: bool = False
     trust_remote_code: bool = False
     progress: bool = True
+    ray_address: str | None = Field(None, description="deepspeed executor: Ray cluster (default: RAY_ADDRESS or local)")
     overwrite: bool = Field(False, description="replace a finished or crashed run already in `out`")
 
     @field_validator("init", "eval", mode="before")

@@ -104,10 +104,12 @@ def run_deepspeed(cfg: FinetuneConfig) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from engine.ray_utils import WORKER_ENV, ensure_ray
+
     ds = cfg.deepspeed
-    env = deepspeed_env(ds.use_gpu)
+    env = {**WORKER_ENV, **deepspeed_env(ds.use_gpu)}
     apply_deepspeed_env(ds.use_gpu)
-    ensure_ray()
+    ensure_ray(cfg.ray_address, include_dashboard=True)  # Ray Train's controller needs the State API
     resources = {"CPU": ds.cpus_per_worker, **({"GPU": 1} if ds.use_gpu else {})}
     trainer = TorchTrainer(
         train_worker,
@@ -127,15 +129,6 @@ def run_deepspeed(cfg: FinetuneConfig) -> None:
         if user_error is not None:
             raise user_error from None
         raise
-
-
-def ensure_ray() -> None:
-    """Connect to RAY_ADDRESS or start a local Ray, with the dashboard: Ray Train's controller needs the State API."""
-    import ray
-
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=True)
 
 
 def _find_user_error(exc: BaseException) -> MashupError | None:

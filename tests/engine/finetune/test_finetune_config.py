@@ -55,3 +55,18 @@ def test_every_example_is_seen_once_per_epoch_and_ranks_split_each_step():
         assert rows == [examples[i] for i in plan.global_batch(step)]
         assert {n for _, n in parts} == {sum(e.n_completion for e in rows)}
     assert BatchPlan(examples, cfg).global_batch(3) == plan.global_batch(3)
+
+
+def test_a_workers_user_error_reaches_the_driver_as_itself():
+    from ray.train import WorkerGroupError
+
+    from engine.errors import DataError
+    from engine.finetune.deepspeed_ray import _find_user_error
+
+    cause = DataError("training diverged: loss is nan at step 3")
+    try:
+        raise RuntimeError("worker crashed") from cause
+    except RuntimeError as wrapped:
+        failure = WorkerGroupError("rank 1 failed", {0: ValueError("unrelated"), 1: wrapped})
+    assert _find_user_error(failure) is cause
+    assert _find_user_error(WorkerGroupError("x", {0: ValueError("engine bug")})) is None
