@@ -43,7 +43,7 @@ def from_directory(root: Path) -> list[DonorEntry]:
         if ADAPTER_CONFIG in filenames or "adapter_model.safetensors" in filenames or "adapter_model.bin" in filenames:
             rel = Path(dirpath).relative_to(root).as_posix()
             donor = rel if rel != "." else root.name
-            entry = DonorEntry(donor, str(Path(dirpath)), str(root))
+            entry = DonorEntry(donor, os.path.abspath(dirpath), os.path.abspath(root))
             if not inside(root, dirpath):
                 entry.error = f"path escapes the pool root {root}"
             entries.append(entry)
@@ -51,7 +51,7 @@ def from_directory(root: Path) -> list[DonorEntry]:
 
 
 def from_manifest(manifest: Path) -> list[DonorEntry]:
-    root = manifest.parent
+    root = manifest.parent.absolute()
     entries = []
     with manifest.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):

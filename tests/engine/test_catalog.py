@@ -47,3 +47,11 @@ def test_unknown_source_is_a_clear_error(tmp_path):
         build_catalog([str(tmp_path / "nope")])
     with pytest.raises(ConfigError, match="no adapters found"):
         build_catalog([str(tmp_path)])
+
+
+def test_paths_are_absolute_whatever_the_cwd(pool_dir, monkeypatch):
+    import os
+
+    monkeypatch.chdir(pool_dir.parent)
+    entries = build_catalog(["pool"])
+    assert all(os.path.isabs(e.path) and os.path.isdir(e.path) for e in entries)
