@@ -30,8 +30,9 @@ test-vllm:
 	bash .ci/vllm.sh
 
 demo: install
-	RAY_AUTH_MODE=disabled $(BIN)/python -m bench.tiny_pool .cache/demo
-	RAY_AUTH_MODE=disabled $(BIN)/mashup score --config configs/demo_score.yaml
+	RAY_AUTH_MODE=disabled $(BIN)/python -m bench.world.build --scale demo
+	RAY_AUTH_MODE=disabled $(BIN)/mashup run --config configs/demo.yaml
+	@echo "open runs/demo/report.md"
 
 bench: install
 	RAY_AUTH_MODE=disabled $(BIN)/python -m bench.bench_scoring

@@ -1,0 +1,1 @@
+"""A deterministic synthetic world for the demo and the benchmark: task families, a base, donors, targets."""
