@@ -6,12 +6,12 @@ sees, honestly, whether recycling helped: the verdict line is computed from the 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from engine.analysis import ArmRuns, best_lr, load_runs, mean_std, parity_step, seconds_at
+from engine.atomic import atomic_write_text
 
 
 def _final_eval(cfg, run_dir: Path) -> dict[str, Any]:
@@ -34,9 +34,7 @@ def _final_eval(cfg, run_dir: Path) -> dict[str, Any]:
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.base, dtype=torch.float32),
                                       str(run_dir / "adapter"))
     result = evaluate(model, tok, load_jsonl(cfg.eval), chat_template=bool(ft.get("chat_template", False))).summary()
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(cache)
+    atomic_write_text(cache, json.dumps(result))
     return result
 
 
@@ -174,7 +172,5 @@ def write_report(cfg) -> Path:
     results = {k: v for k, v in data.items() if k not in ("arms", "scores")}
     for path, content in ((cfg.out / "results.json", json.dumps(results, indent=1, default=str)),
                           (cfg.out / "report.md", text)):
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(content)
-        tmp.replace(path)
+        atomic_write_text(path, content)
     return cfg.out / "report.md"

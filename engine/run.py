@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from engine.atomic import atomic_write_text
 from engine.config import StrictModel, format_validation_error
 from engine.errors import ConfigError
 
@@ -129,9 +130,7 @@ class Timings:
 
     def add(self, key: str, seconds: float) -> None:
         self.data[key] = self.data.get(key, 0.0) + seconds
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        tmp.replace(self.path)
+        atomic_write_text(self.path, json.dumps(self.data, indent=1))
 
 
 def _finished(run_dir: Path) -> bool:
@@ -157,7 +156,7 @@ def run(cfg: RunConfig) -> Path:
 
     cfg.check()
     cfg.out.mkdir(parents=True, exist_ok=True)
-    (cfg.out / "config.json").write_text(cfg.model_dump_json(indent=1))
+    atomic_write_text(cfg.out / "config.json", cfg.model_dump_json(indent=1))
     timings = Timings(cfg.out / "timings.json")
     if any(a.init == "merge" for a in cfg.arms):
         t0 = time.perf_counter()

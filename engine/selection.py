@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
+from engine.atomic import atomic_write_text
 from engine.config import StrictModel
 from engine.errors import ConfigError, DataError
 from engine.weighting import Weighting, compute_weights
@@ -70,12 +70,7 @@ class Selection(StrictModel):
 
     def write(self, path: str | Path) -> Path:
         """Atomic, so a reader never sees half a selection."""
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.model_dump(), indent=2) + "\n")
-        os.replace(tmp, target)
-        return target
+        return atomic_write_text(path, json.dumps(self.model_dump(), indent=2) + "\n")
 
     @classmethod
     def read(cls, path: str | Path) -> "Selection":

@@ -16,6 +16,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine.atomic import atomic_file
+
 SCHEMA = pa.schema(
     [
         ("donor", pa.string()),
@@ -116,11 +118,8 @@ class ScoreStore:
 
     def compact(self) -> None:
         df = self.read()
-        tmp = self.parquet.with_name(f".{SCORES}.{os.getpid()}.tmp")
-        pq.write_table(pa.Table.from_pandas(df, schema=SCHEMA, preserve_index=False), tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.parquet)
+        with atomic_file(self.parquet) as tmp:
+            pq.write_table(pa.Table.from_pandas(df, schema=SCHEMA, preserve_index=False), tmp)
         # Rows now live in the parquet file; truncating the journal after the replace keeps them exactly once.
         with self.journal.open("w", encoding="utf-8") as fh:
             fh.flush()

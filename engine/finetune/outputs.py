@@ -6,13 +6,11 @@ renamed into it, so a killed run never leaves a half-written adapter for the nex
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from engine.atomic import atomic_dir, atomic_file
 
 LOG_JSONL = "log.jsonl"
 LOG_PARQUET = "log.parquet"
@@ -53,38 +51,6 @@ def read_log(out_dir: Path) -> list[dict[str, Any]]:
     """From log.jsonl, which every executor writes (rank 0 in DeepSpeed runs), so the driver needs no worker state."""
     path = out_dir / LOG_JSONL
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-@contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `final` (an older `final` is removed after)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextmanager
-def atomic_file(final: Path) -> Iterator[Path]:
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_adapter(model: Any, final: Path, info: dict[str, Any]) -> Path:

@@ -9,15 +9,14 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import struct
 import threading
-import secrets
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
 
+from engine.atomic import atomic_dir
 from engine.errors import ConfigError, DonorError
 
 SAFETENSORS_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
@@ -147,69 +146,16 @@ def write_json(path: Path, payload: object) -> None:
         os.fsync(fh.fileno())
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temp_dirs(target: Path) -> None:
-    """Temp folders left by a merge that was killed (e.g. SIGKILL) beside the same target."""
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):
-        pid = stale.name[len(f".{target.name}.tmp-"):].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp folder beside `target`; rename it into place only if the block finishes.
+    """`engine.atomic.atomic_dir`, with the merge's own error when `target` exists and `overwrite` is off.
 
-    An exception removes the temp folder; a hard kill leaves only a hidden `.NAME.tmp-PID-*` folder, which the
-    next merge to the same target removes. Either way `target` is never a half-written adapter.
+    A hard kill leaves only a hidden `.NAME.tmp-PID-*` folder, which the next merge to the same target removes.
     """
-    target = Path(target)
-    if target.exists() and not overwrite:
+    if Path(target).exists() and not overwrite:
         raise ConfigError(f"out: {target} already exists (pass --overwrite to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_dirs(target)
-    tmp = _make_temp_dir(target)
-    try:
+    with atomic_dir(target) as tmp:
         yield tmp
-        if target.exists():
-            old = _make_temp_dir(target)
-            os.rename(target, old / "replaced")
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-        _fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _make_temp_dir(target: Path) -> Path:
-    """Like mkdtemp, but with the umask's permissions, since the folder becomes the user's adapter."""
-    while True:
-        candidate = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _numel(shape: Sequence[int]) -> int:
