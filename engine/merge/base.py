@@ -7,7 +7,7 @@ method stream with memory that does not grow with the number of donors (DESIGN.m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -61,11 +61,11 @@ class MergeOptions:
 class MergeMethod:
     """Base class; subclasses override `begin`, `add`, `finish` and the class attributes that differ."""
 
-    name: ClassVar[str] = ""
-    passes: ClassVar[int] = 1
-    equal_ranks: ClassVar[bool] = True
-    options: ClassVar[frozenset[str]] = frozenset()  # which of density / majority_sign / seed / svd_rank apply
-    required_options: ClassVar[frozenset[str]] = frozenset()
+    name: str = ""
+    passes: int = 1
+    equal_ranks: bool = True
+    options: frozenset[str] = frozenset()  # which of density / majority_sign / seed / svd_rank apply
+    required_options: frozenset[str] = frozenset()
 
     def output_rank(self, options: MergeOptions) -> int:
         return options.donor_ranks[0]

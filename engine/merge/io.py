@@ -6,11 +6,11 @@ read), so merged modules go to disk as soon as they are final and the output nev
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import struct
-import threading
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -18,7 +18,9 @@ import torch
 
 from engine.atomic import atomic_dir
 from engine.errors import ConfigError, DonorError
+from engine.merge import digest
 
+HELPER_MIN_BYTES = 64 << 20
 SAFETENSORS_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 
@@ -31,11 +33,16 @@ class Float32Staging:
 
     def __init__(self) -> None:
         self.buffers: dict[str, torch.Tensor] = {}
+        self.lists: dict[tuple[str, ...], list[torch.Tensor]] = {}
 
     def cast(self, keys: Sequence[str], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         if all(t.dtype == torch.float32 for t in tensors):
             return tensors
-        staged = []
+        staged = self.lists.get(tuple(keys))
+        if staged is not None and all(b.shape == t.shape for b, t in zip(staged, tensors)):
+            torch._foreach_copy_(staged, tensors)
+            return staged
+        staged = self.lists[tuple(keys)] = []
         for key, tensor in zip(keys, tensors):
             buffer = self.buffers.get(key)
             if buffer is None or buffer.shape != tensor.shape:
@@ -87,19 +94,47 @@ def parse_safetensors_header(raw: bytes, data_size: int) -> dict[str, tuple[str,
     return entries
 
 
-def sha256_file(path: str | Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+class DonorHasher:
+    """Hashes the donor files in a helper process (engine/merge/digest.py) while the merge runs.
 
+    If the helper cannot run, the digests are computed here instead: slower, never missing.
+    """
 
-def sha256_files(paths: Sequence[Path], stop: threading.Event) -> list[str]:
-    """Digests in order, for merge_info.json; gives up early once `stop` is set (the merge failed)."""
-    digests = []
-    for path in paths:
-        if stop.is_set():
-            return []
-        digests.append(sha256_file(path))
-    return digests
+    def __init__(self, paths: Sequence[Path], helper_min_bytes: int = HELPER_MIN_BYTES):
+        self.paths = [str(p) for p in paths]
+        self.process: subprocess.Popen | None = None
+        if sum(os.path.getsize(p) for p in self.paths) < helper_min_bytes:
+            return  # starting a process would cost more than hashing here
+        try:
+            self.process = subprocess.Popen([sys.executable, digest.__file__], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            self.process.stdin.write(json.dumps(self.paths).encode())
+            self.process.stdin.close()
+        except OSError:  # no helper (or it died at once): hash in-process at result()
+            self.__exit__()
+            self.process = None
+
+    def result(self) -> list[str]:
+        if self.process is not None:
+            output = self.process.stdout.read()
+            if self.process.wait() == 0:
+                with contextlib.suppress(ValueError):
+                    digests = json.loads(output)
+                    if isinstance(digests, list) and len(digests) == len(self.paths):
+                        return digests
+        return [digest.sha256_file(p) for p in self.paths]
+
+    def __enter__(self) -> "DonorHasher":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        for pipe in (self.process.stdin, self.process.stdout):
+            pipe.close()
 
 
 class SafetensorsStreamWriter:

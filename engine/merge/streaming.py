@@ -8,27 +8,41 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from engine.errors import ConfigError, MashupError
+from engine.atomic import sha256_file
+from engine.errors import ConfigError, DonorError, MashupError
 from engine.merge.base import DonorModule, MergeMethod, MergeOptions, ModuleSpec
 from engine.merge.config import MergeConfig
 from engine.merge.donors import (
     CONFIG_FILE, WEIGHT_FILE, Donor, check_equal_ranks, read_adapter_config, read_donor, union_modules,
     union_target_modules, warn_on_base_mismatch, output_dtype,
 )
-from engine.merge.io import Float32Staging, SafetensorsStreamWriter, atomic_output_dir, open_donor, sha256_files, write_json
+from engine.merge.io import (
+    DonorHasher, Float32Staging, SafetensorsStreamWriter, atomic_output_dir, open_donor, write_json,
+)
 from engine.merge.registry import get_method
 
 log = logging.getLogger(__name__)
 
 MERGE_INFO_FILE = "merge_info.json"
 PROGRESS_MIN_READS = 50
+
+
+def locate_donor(name: str, path: str) -> Path:
+    """A local folder as given (relative to the working directory, as the catalog records it), or the cached
+    snapshot of an `hf://org/name[@revision]` donor."""
+    if not path.startswith("hf://"):
+        return Path(path)
+    from engine.hub import fetch
+
+    try:
+        return Path(fetch(path))
+    except Exception as exc:  # noqa: BLE001 - network and cache errors belong to this donor
+        raise DonorError(name, f"could not fetch {path}: {type(exc).__name__}: {exc}") from None
 
 
 def resolve_donors(config: MergeConfig) -> tuple[list[str], list[Path], list[float]]:
@@ -41,12 +55,12 @@ def resolve_donors(config: MergeConfig) -> tuple[list[str], list[Path], list[flo
         for entry in selection.donors:
             if not entry.path:
                 raise ConfigError(f"selection: donor {entry.donor!r} has no path; pass --donors instead")
-            path = Path(entry.path)
-            paths.append(path if path.is_absolute() else Path(config.selection).parent / path)
             names.append(entry.donor)
+            paths.append(locate_donor(entry.donor, entry.path))
             weights.append(entry.weight)
     elif config.donors:
-        names, paths = list(config.donors), [Path(d) for d in config.donors]
+        names = list(config.donors)
+        paths = [locate_donor(d, d) for d in config.donors]
         weights = list(config.weights) if config.weights is not None else [1.0] * len(names)
     else:
         raise ConfigError("donors: give --selection FILE.json or --donors DIR [DIR ...]")
@@ -141,23 +155,21 @@ def merge_with_config(config: MergeConfig) -> Path:
     progress = config.progress if config.progress is not None else len(groups) * method.passes * len(donors) >= PROGRESS_MIN_READS
     adapter_config = merged_adapter_config(donors, method, options, rank)
 
-    stop_hashing = threading.Event()
-    with atomic_output_dir(config.out, config.overwrite) as tmp, ThreadPoolExecutor(1) as hasher:
-        digests = hasher.submit(sha256_files, [d.weight_file for d in donors], stop_hashing)  # overlaps the merge
+    with atomic_output_dir(config.out, config.overwrite) as tmp, DonorHasher([d.weight_file for d in donors]) as hasher:
         writer = SafetensorsStreamWriter(tmp / WEIGHT_FILE, layout, dtype)
         try:
             stream_modules(donors, weights, method, options, groups, rank, writer, progress)
             writer.close()
         except BaseException:
             writer.abort()
-            stop_hashing.set()
             raise
         write_json(tmp / CONFIG_FILE, adapter_config)
         write_json(tmp / MERGE_INFO_FILE, {
             "method": method.name,
             "donors": names,
             "weights": weights,
-            "sha256": digests.result(),
+            "sha256": hasher.result(),
+            "adapter_sha256": sha256_file(tmp / WEIGHT_FILE),
             "paths": [str(p) for p in paths],
             "engine_version": __version__,
             "options": {name: getattr(options, name) for name in sorted(method.options)},

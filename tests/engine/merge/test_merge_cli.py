@@ -58,3 +58,17 @@ def test_python_api_is_exported_and_import_engine_stays_light():
               "import engine.merge.registry; from engine import merge, select; "
               "assert callable(engine.merge) and merge is engine.merge and callable(select)")
     subprocess.run([sys.executable, "-c", script], check=True)
+
+
+def test_hub_donors_merge_from_the_local_hf_cache(donors, tmp_path):
+    import os
+    from pathlib import Path
+
+    from engine.testing import publish_to_hf_cache
+
+    publish_to_hf_cache(Path(os.environ["HF_HUB_CACHE"]), "acme/merge-donor", donors["qv3"], revision="v2")
+    out = tmp_path / "merged"
+    assert main(["merge", "--donors", str(donors["qv1"]), "hf://acme/merge-donor@v2", "--out", str(out)]) == 0
+    info = json.loads((out / "merge_info.json").read_text())
+    assert info["donors"][1] == "hf://acme/merge-donor@v2"
+    assert main(["merge", "--donors", "hf://acme/absent", "--out", str(tmp_path / "x")]) == 2

@@ -55,6 +55,18 @@ def test_merge_info_records_method_donors_weights_hashes_and_version(donors, tmp
     assert info["sha256"] == [hashlib.sha256((p / "adapter_model.safetensors").read_bytes()).hexdigest() for p in inputs]
 
 
+def test_hasher_helper_process_matches_hashlib(donors):
+    from engine.merge.io import DonorHasher
+
+    files = [donors[name] / "adapter_model.safetensors" for name in ("qv1", "qkvo2", "qv3")]
+    expected = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    with DonorHasher(files, helper_min_bytes=0) as hasher:
+        assert hasher.process is not None  # the helper really runs
+        assert hasher.result() == expected
+    with DonorHasher(files) as hasher:  # small merges hash in-process
+        assert hasher.process is None and hasher.result() == expected
+
+
 def test_exception_mid_stream_leaves_no_adapter(donors, nan_donor, tmp_path):
     out = tmp_path / "merged"
     with pytest.raises(MashupError, match="not finite"):  # raised after earlier modules were written
