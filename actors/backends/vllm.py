@@ -57,7 +57,7 @@ class VLLMOptions(BackendOptions):
     )
     max_lora_rank: int | None = Field(
         None, ge=1, le=SUPPORTED_RANKS[-1],
-        description="rounded up to a rank vLLM accepts; default: the largest rank among the first call's donors",
+        description="rounded up to a rank vLLM accepts; unset: sized from the donors, grown by an engine restart",
     )
     max_model_len: int | None = Field(None, ge=16, description="default: the model's context length")
     enforce_eager: bool | None = Field(None, description="default: True on CPU, False on GPU (CUDA graphs)")
@@ -104,7 +104,10 @@ def precheck(path: str | Path, max_rank: int | None = None) -> str | None:
     if any(name in t for t in touched for name in NO_LM_HEAD):  # names or a regex string
         return "targets lm_head: vLLM drops an lm_head LoRA delta from prompt_logprobs (vllm-project/vllm #51594)"
     if max_rank is not None:
-        rank = adapter_rank(p)
+        try:
+            rank = adapter_rank(p)
+        except (ValueError, TypeError) as exc:
+            return f"unreadable rank in adapter_config.json ({exc})"
         if rank > max_rank:
             return f"rank {rank} exceeds the engine's max_lora_rank {max_rank} (raise vllm option max_lora_rank)"
     return None
