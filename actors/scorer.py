@@ -1,7 +1,9 @@
 """The scoring actor: the base stays resident on its device; donors are fetched, validated and scored here.
 
 Validation and Hub fetches run next to the files, on the node that scores them, so the driver never ships
-adapter bytes and never loads the base model.
+adapter bytes and never loads the base model. A donor can leave the backend unable to score anything (a PEFT
+wrapper that refuses mixed batches stays in the model after its donor is evicted); the actor notices with a
+one-example probe of the base, rebuilds the backend and rescores that call's failures one at a time.
 """
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ from engine.catalog import DonorEntry
 from engine.data import EncodedSample
 from engine.errors import DonorError
 
+# Fault-injection hooks, inert unless set; the driver forwards every MASHUP_TEST_* variable to its actors.
+FAULT_HOOK_PREFIX = "MASHUP_TEST_"
+HANG_HOOK = "MASHUP_TEST_HANG_DONOR"  # a donor id: any call that includes it sleeps (a stand-in for a hung backend)
 
 @dataclass(frozen=True)
 class ScoreTask:
@@ -53,11 +58,13 @@ class DonorScorer:
 
         if threads > 0:
             torch.set_num_threads(threads)
-        base = resolve_base(base)
-        cls = get_backend(backend)
-        self.backend = cls(base, cls.Options.model_validate(options))
-        self.spec = base_spec(base, trust_remote_code=self.backend.options.trust_remote_code)
+        self.base = resolve_base(base)
+        self.backend_cls = get_backend(backend)
+        self.options = self.backend_cls.Options.model_validate(options)
+        self.backend = self.backend_cls(self.base, self.options)
+        self.spec = base_spec(self.base, trust_remote_code=self.options.trust_remote_code)
         self.validation = validation
+        self.rebuilds = 0
 
     def pid(self) -> int:
         return os.getpid()
@@ -101,6 +108,41 @@ class DonorScorer:
             except DonorError as exc:
                 rows[task.entry.donor] = score_row(task, DonorScore(task.entry.donor, error=exc.reason,
                                                                     seconds=time.perf_counter() - t0))
-        for score in self.backend.score(requests, sample) if requests else []:
+        hang = os.environ.get(HANG_HOOK)
+        if hang and hang in by_donor:
+            time.sleep(3600)
+        for score in self._score_recovering(requests, sample) if requests else []:
             rows[score.donor] = score_row(by_donor.get(score.donor), score)
         return [rows[BASE if t is None else t.entry.donor] for t in tasks]
+
+    def _score_recovering(self, requests: list[DonorRequest], sample: EncodedSample) -> list[DonorScore]:
+        """Backend scores; when some failed and the backend can no longer score the base, rebuild and rescore
+        the failures alone, rebuilding again after each one that still fails and leaves the backend broken."""
+        scores = {s.donor: s for s in self.backend.score(requests, sample)}
+        failed = [r for r in requests if scores[r.donor].error]
+        if failed and not self._healthy(sample):
+            self._rebuild()
+            for req in failed:
+                [scores[req.donor]] = self.backend.score([req], sample)
+                if scores[req.donor].error and not self._healthy(sample):
+                    self._rebuild()
+        return [scores[r.donor] for r in requests]
+
+    def _healthy(self, sample: EncodedSample) -> bool:
+        probe = EncodedSample(sample.examples[:1], sample.fingerprint)
+        try:
+            [score] = self.backend.score([DonorRequest(BASE, "", 0)], probe)
+        except Exception:  # noqa: BLE001 - any failure of the probe means the backend is unusable
+            return False
+        return score.error is None
+
+    def _rebuild(self) -> None:
+        import gc
+
+        self.backend = None
+        gc.collect()
+        try:
+            self.backend = self.backend_cls(self.base, self.options)
+        except BaseException:  # an actor without a backend is useless: die, so the driver retries elsewhere
+            os._exit(1)
+        self.rebuilds += 1

@@ -1,60 +1,93 @@
-"""The driver's actor loop: dispatch batches, collect rows, survive dead actors and hung donors."""
+"""The driver's actor loop: dispatch batches, collect rows, survive dead actors, lost nodes and hung donors.
+
+An actor gets work only once its base model is loaded (its `pid()` call answered). So a replacement the cluster
+cannot place, because a lost node took its CPUs with it, never holds a batch hostage: the live actors finish the
+job and the unplaced one is cancelled at the end. Failure policy (engine/scoring.py): a dead actor costs its batch
+a retry on another actor, up to `max_retries` per batch; a batch that raises or outlives `batch_timeout_s` is
+split until the culprit is alone, then failed with the reason.
+"""
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from actors.backends.base import BASE, DonorScore
-from actors.scorer import DonorScorer, ScoreTask, score_row
+from actors.scorer import FAULT_HOOK_PREFIX, DonorScorer, ScoreTask, score_row
 from engine.catalog import DonorEntry
+from engine.errors import MashupError
 from engine.ray_utils import WORKER_ENV, cluster_has_gpus, ensure_ray
 
 log = logging.getLogger("mashup.score")
+WAIT_WARN_S = 60.0
+
+Batch = list  # list[ScoreTask | None]; None stands for the base model
+
+
+@dataclass
+class Flight:
+    actor: Any
+    batch: Batch
+    started: float
 
 
 class ActorPoolRunner:
+    """Runs one scoring job over `cfg.actors` actors; rows go to `store` as each batch returns."""
+
     def __init__(self, cfg, backend_options: dict[str, Any], sample, store):
         self.cfg = cfg
         self.options = backend_options
         self.sample = sample
         self.store = store
         self.validation = {"strict_base_name": cfg.strict_base_name, "check_finite": cfg.check_finite}
-        self.attempts: dict[tuple, int] = {}
-        self.ready: dict[Any, Any] = {}
+        self.attempts: dict[tuple[str, ...], int] = {}
+        self.queue: deque[Batch] = deque()
+        self.starting: dict[Any, Any] = {}  # pid() ref -> actor still loading its base
+        self.idle: list[Any] = []
+        self.inflight: dict[Any, Flight] = {}  # score() ref -> what it is working on
+        self.target = 0
+        self.start_failures = 0
+        self.last_progress = time.monotonic()
 
-    def _new_actor(self):
+    def _new_actor(self) -> None:
         import ray
 
         gpus = self.cfg.gpus_per_actor
         if gpus == "auto":
             gpus = 1 if cluster_has_gpus() else 0
+        hooks = {k: v for k, v in os.environ.items() if k.startswith(FAULT_HOOK_PREFIX)}
         cls = ray.remote(DonorScorer).options(
             num_cpus=self.cfg.cpus_per_actor,
             num_gpus=gpus,
             scheduling_strategy="SPREAD" if self.cfg.placement == "spread" else "DEFAULT",
             max_restarts=0,
             max_task_retries=0,
-            runtime_env={"env_vars": WORKER_ENV},
+            runtime_env={"env_vars": {**WORKER_ENV, **hooks}},
         )
         threads = max(1, int(self.cfg.cpus_per_actor))
         actor = cls.remote(self.cfg.backend, self.cfg.base, self.options, self.validation, threads)
-        self.ready[actor._actor_id] = actor.pid.remote()  # the batch timeout starts once the base is loaded
-        return actor
+        self.starting[actor.pid.remote()] = actor
 
     def _rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for row in rows:
             row.update(backend=self.cfg.backend, sample_id=self.sample.fingerprint, round=0)
         return rows
 
-    def _fail(self, batch: list[ScoreTask | None], reason: str) -> list[dict[str, Any]]:
+    def _fail(self, batch: Batch, reason: str) -> list[dict[str, Any]]:
         return self._rows([score_row(t, DonorScore(BASE if t is None else t.entry.donor, error=reason)) for t in batch])
 
+    @property
+    def live(self) -> int:
+        return len(self.idle) + len(self.starting) + len(self.inflight)
+
     def run(self, entries: list[DonorEntry], include_base: bool, summary) -> None:
+        """Score `entries` (and the base) until every one has exactly one row in the store."""
         import ray
 
         ensure_ray(self.cfg.ray_address)
@@ -62,39 +95,66 @@ class ActorPoolRunner:
         if include_base:
             tasks.insert(0, None)
         n = self.cfg.donors_per_call
-        queue = deque(tasks[i:i + n] for i in range(0, len(tasks), n))
+        self.queue = deque(tasks[i:i + n] for i in range(0, len(tasks), n))
+        self.target = min(self.cfg.actors, len(self.queue))
         sample_ref = ray.put(self.sample)
-        idle = [self._new_actor() for _ in range(min(self.cfg.actors, len(queue)))]
-        inflight: dict[Any, tuple[Any, list, float]] = {}
         bar = tqdm(total=len(tasks), unit="donor", desc="scoring", dynamic_ncols=True)
         try:
-            while queue or inflight:
-                while idle and queue:
-                    actor, batch = idle.pop(), queue.popleft()
-                    inflight[actor.score.remote(batch, sample_ref)] = (actor, batch, time.monotonic())
-                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
-                if not ready:
-                    self._check_timeouts(inflight, queue, idle, summary, bar)
-                    continue
-                actor, batch, _ = inflight.pop(ready[0])
-                try:
-                    rows = self._rows(ray.get(ready[0]))
-                except ray.exceptions.RayActorError as exc:
-                    self._actor_died(exc, batch, queue, idle, summary, bar)
-                    continue
-                except ray.exceptions.RayTaskError as exc:
-                    idle.append(actor)
-                    self._split_or_fail(batch, queue, f"backend error: {str(exc).strip().splitlines()[-1][:300]}", summary, bar)
-                    continue
-                idle.append(actor)
-                self._record(rows, summary, bar)
+            while self.queue or self.inflight:
+                while self.live < self.target and self.queue:
+                    self._new_actor()
+                while self.idle and self.queue:
+                    actor, batch = self.idle.pop(), self.queue.popleft()
+                    self.inflight[actor.score.remote(batch, sample_ref)] = Flight(actor, batch, time.monotonic())
+                done, _ = ray.wait([*self.inflight, *self.starting], num_returns=1, timeout=1.0)
+                for ref in done:
+                    if ref in self.starting:
+                        self._started(ref)
+                    else:
+                        self._returned(ref, summary, bar)
+                self._check_timeouts(summary, bar)
+                self._warn_if_stalled()
         finally:
             bar.close()
-            for actor in idle + [v[0] for v in inflight.values()]:
+            for actor in [*self.idle, *self.starting.values(), *(f.actor for f in self.inflight.values())]:
                 ray.kill(actor, no_restart=True)
+
+    def _started(self, ref) -> None:
+        import ray
+
+        actor = self.starting.pop(ref)
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            ray.kill(actor, no_restart=True)
+            self.start_failures += 1
+            reason = _one_line(exc)
+            log.warning("a scoring actor failed to start (%d so far): %s", self.start_failures, reason)
+            if self.start_failures > self.target * (self.cfg.max_retries + 1):
+                raise MashupError(f"scoring actors keep failing to start ({self.start_failures} tries): {reason}") from None
+            return
+        self.idle.append(actor)
+
+    def _returned(self, ref, summary, bar) -> None:
+        import ray
+
+        flight = self.inflight.pop(ref)
+        try:
+            rows = self._rows(ray.get(ref))
+        except ray.exceptions.RayTaskError as exc:  # the call raised; the actor itself is fine
+            self.idle.append(flight.actor)
+            self._split_or_fail(flight.batch, f"backend error: {_one_line(exc)}", summary, bar)
+            return
+        except ray.exceptions.RayError as exc:  # the actor died (killed, OOM, lost node) or its result was lost
+            ray.kill(flight.actor, no_restart=True)
+            self._actor_died(exc, flight.batch, summary, bar)
+            return
+        self.idle.append(flight.actor)
+        self._record(rows, summary, bar)
 
     def _record(self, rows: list[dict[str, Any]], summary, bar) -> None:
         self.store.append(rows)
+        self.last_progress = time.monotonic()
         for row in rows:
             if row["status"] == "ok":
                 summary.scored += 1
@@ -104,37 +164,46 @@ class ActorPoolRunner:
         bar.update(len(rows))
         bar.set_postfix(failed=summary.failed, retries=summary.retries, refresh=False)
 
-    def _actor_died(self, exc, batch, queue, idle, summary, bar) -> None:
+    def _actor_died(self, exc: Exception, batch: Batch, summary, bar) -> None:
         key = tuple(BASE if t is None else t.entry.donor for t in batch)
         self.attempts[key] = self.attempts.get(key, 0) + 1
         summary.retries += 1
         log.warning("actor died while scoring %d donors (retry %d/%d): %s",
                     len(batch), self.attempts[key], self.cfg.max_retries, type(exc).__name__)
-        idle.append(self._new_actor())
         if self.attempts[key] > self.cfg.max_retries:
-            self._split_or_fail(batch, queue, f"actor died {self.attempts[key]} times scoring this batch", summary, bar)
+            self._split_or_fail(batch, f"actor died {self.attempts[key]} times scoring this batch", summary, bar)
         else:
-            queue.appendleft(batch)
+            self.queue.appendleft(batch)
 
-    def _split_or_fail(self, batch, queue, reason: str, summary, bar) -> None:
+    def _split_or_fail(self, batch: Batch, reason: str, summary, bar) -> None:
         """Isolate the culprit: a multi-donor batch is requeued one donor at a time; a single donor fails."""
         if len(batch) > 1:
-            queue.extendleft([t] for t in reversed(batch))
+            log.warning("isolating a batch of %d donors (%s)", len(batch), reason)
+            self.queue.extendleft([t] for t in reversed(batch))
         else:
             self._record(self._fail(batch, reason), summary, bar)
 
-    def _check_timeouts(self, inflight, queue, idle, summary, bar) -> None:
+    def _check_timeouts(self, summary, bar) -> None:
+        """Checked every turn of the loop, so that other actors' steady results cannot starve it."""
         import ray
 
         limit = self.cfg.batch_timeout_s or math.inf
         now = time.monotonic()
-        for ref, (actor, batch, started) in list(inflight.items()):
-            if not ray.wait([self.ready[actor._actor_id]], timeout=0)[0]:
-                inflight[ref] = (actor, batch, now)
-            elif now - started > limit:
-                del inflight[ref]
-                ray.kill(actor, no_restart=True)
+        for ref, flight in list(self.inflight.items()):
+            if now - flight.started > limit:
+                del self.inflight[ref]
+                ray.kill(flight.actor, no_restart=True)
                 summary.retries += 1
-                log.warning("batch of %d donors exceeded %.0fs; isolating", len(batch), limit)
-                idle.append(self._new_actor())
-                self._split_or_fail(batch, queue, f"timed out after {limit:.0f}s", summary, bar)
+                log.warning("a batch of %d donors exceeded %.0fs; killed its actor", len(flight.batch), limit)
+                self._split_or_fail(flight.batch, f"timed out after {limit:.0f}s", summary, bar)
+
+    def _warn_if_stalled(self) -> None:
+        if not self.inflight and self.starting and time.monotonic() - self.last_progress > WAIT_WARN_S:
+            log.warning("waiting for %d scoring actors to be placed (does the cluster have the CPUs/GPUs asked for?)",
+                        len(self.starting))
+            self.last_progress = time.monotonic()
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:300]
