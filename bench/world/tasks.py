@@ -72,22 +72,35 @@ def all_tasks() -> dict[str, Task]:
     return tasks
 
 
+def _near_misses(answer: str, alphabet: str, rng: random.Random) -> list[str]:
+    """Same-length wrong answers a model that half-knows the task would confuse: a swap and a substitution."""
+    out = []
+    if len(answer) > 1:
+        i = rng.randrange(len(answer) - 1)
+        out.append(answer[:i] + answer[i + 1] + answer[i] + answer[i + 2:])
+    j = rng.randrange(len(answer))
+    out.append(answer[:j] + rng.choice([c for c in alphabet if c != answer[j]]) + answer[j + 1:])
+    return out
+
+
 def rows(task: Task, n: int, seed: int, choices: int = 0, siblings: list[Task] | None = None) -> list[dict]:
-    """`n` examples; with `choices`, the wrong options are sibling tasks' answers on the same input."""
+    """`n` examples; with `choices`, wrong options have the answer's length (a sibling task's answer, an adjacent
+    swap, a one-character substitution), so length alone never gives the answer away."""
     rng = random.Random(f"{task.name}/{seed}")
     out = []
     for _ in range(n):
         x, prompt, completion = task.example(rng)
         row = {"prompt": prompt, "completion": completion}
         if choices:
-            wrong = [" " + " ".join(s.fn(x)) for s in siblings or []]
-            wrong = [w for w in dict.fromkeys(wrong) if w != completion]
             answer = task.fn(x)
+            sib = [s.fn(x) for s in siblings or [] if len(s.fn(x)) == len(answer)]
+            pool = sib[:1] + _near_misses(answer, task.alphabet, rng) + sib[1:]
+            wrong = [w for w in dict.fromkeys(pool) if w != answer]
             while len(wrong) < choices - 1:  # random strings of the answer's length from the task's alphabet
-                fake = " " + " ".join(rng.choice(task.alphabet) for _ in answer)
-                if fake != completion and fake not in wrong:
+                fake = "".join(rng.choice(task.alphabet) for _ in answer)
+                if fake != answer and fake not in wrong:
                     wrong.append(fake)
-            opts = [completion, *wrong[: choices - 1]]
+            opts = [completion, *(" " + " ".join(w) for w in wrong[: choices - 1])]
             rng.shuffle(opts)
             row.update(choices=opts, answer=opts.index(completion))
         out.append(row)
@@ -107,8 +120,8 @@ def pretraining_lines(n: int, seed: int = 0) -> list[str]:
 
 
 def siblings(task: Task, tasks: dict[str, Task], k: int = 3) -> list[Task]:
-    """The closest other tasks: same family first, then same post-edit."""
-    same = [t for t in tasks.values() if t.family == task.family and t.name != task.name]
+    """Distractor sources: tasks with the same post-edit (answers of the same length) first, then the same family."""
     post = task.name.split("+")[1]
-    other = [t for t in tasks.values() if t.name.endswith("+" + post) and t.name != task.name and t not in same]
-    return (same + other)[:k]
+    same_post = [t for t in tasks.values() if t.name.endswith("+" + post) and t.name != task.name]
+    family = [t for t in tasks.values() if t.family == task.family and t.name != task.name and t not in same_post]
+    return (same_post + family)[:k]
