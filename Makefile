@@ -38,4 +38,4 @@ bench: install
 	RAY_AUTH_MODE=disabled $(BIN)/python -m bench.bench_scoring
 
 clean:
-	rm -rf .cache/demo runs
+	rm -rf .cache/worlds/demo runs
