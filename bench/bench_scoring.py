@@ -18,58 +18,9 @@ from pathlib import Path
 
 import torch
 
-CACHE = Path(".cache/bench_scoring")
+from bench.common import build_pool_world, load_sample, naive_peft_loop
+
 RESULTS = Path("bench/results/scoring.json")
-
-
-def build_world(n_donors: int, n_examples: int, vocab: int, hidden: int, layers: int) -> Path:
-    from transformers import AutoModelForCausalLM
-
-    from engine.testing import build_tiny_llama, train_tokenizer, write_lora_adapter, write_task
-
-    root = CACHE / f"d{n_donors}_e{n_examples}_v{vocab}_h{hidden}_l{layers}_shots3"
-    if (root / "READY").exists():
-        return root
-    shutil.rmtree(root, ignore_errors=True)
-    base = root / "base"
-    build_tiny_llama(base, train_tokenizer(base), hidden_size=hidden, num_layers=layers, vocab_size=vocab,
-                     max_positions=512)
-    model = AutoModelForCausalLM.from_pretrained(str(base))
-    for i in range(n_donors):
-        write_lora_adapter(base, root / "pool" / f"d{i:04d}", seed=i, r=16, alpha=32,
-                           target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), init_std=0.02, base_model=model)
-    write_task(root / "task.jsonl", n_examples, seed=0, op="sort", shots=3)
-    (root / "READY").write_text("ok")
-    return root
-
-
-def naive_loop(root: Path, sample) -> dict:
-    """Load base once; per donor: PeftModel.from_pretrained → forward (full logits) → unload."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(str(root / "base")).eval()
-    donors = sorted((root / "pool").iterdir())
-    length = max(len(e.input_ids) for e in sample.examples)
-    ids = torch.zeros((len(sample.examples), length), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, e in enumerate(sample.examples):
-        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        mask[i, : len(e.input_ids)] = 1
-    losses = {}
-    t0 = time.perf_counter()
-    for d in donors:
-        model = PeftModel.from_pretrained(base, str(d))
-        with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
-        total, n = 0.0, 0
-        for i, e in enumerate(sample.examples):
-            total -= logp[i, e.n_prompt - 1: len(e.input_ids) - 1].double().sum().item()
-            n += e.n_completion
-        losses[d.name] = total / n
-        base = model.unload()
-    return {"seconds": time.perf_counter() - t0, "donors": len(donors), "losses": losses}
 
 
 def engine_run(root: Path, actors: int, donors_per_call: int) -> dict:
@@ -99,15 +50,13 @@ def main() -> None:
     ap.add_argument("--donors-per-call", type=int, default=16)
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from transformers import AutoTokenizer
-
-    from engine.data import encode_sample, load_jsonl
     from engine.ray_utils import ensure_ray
 
-    root = build_world(args.donors, args.examples, args.vocab, args.hidden, args.layers)
-    sample = encode_sample(AutoTokenizer.from_pretrained(str(root / "base")), load_jsonl(root / "task.jsonl"))
+    root = build_pool_world(args.donors, args.examples, args.vocab, args.hidden, args.layers)
+    sample = load_sample(root)
     torch.set_num_threads(os.cpu_count() or 1)
-    naive = naive_loop(root, sample)
+    _, naive_s, naive_losses = naive_peft_loop(root, sample, sorted((root / "pool").iterdir()))
+    naive = {"seconds": naive_s, "donors": len(naive_losses), "losses": naive_losses}
     ensure_ray(include_dashboard=False)
     ours = {a: engine_run(root, a, args.donors_per_call) for a in (1, 2)}
     diff = max(abs(ours[1]["losses"][k] - v) for k, v in naive["losses"].items())
