@@ -36,17 +36,26 @@ def inside(root: str | Path, path: str | Path) -> bool:
     return Path(path).resolve().is_relative_to(root_r)
 
 
+ADAPTER_FILES = (ADAPTER_CONFIG, "adapter_model.safetensors", "adapter_model.bin")
+
+
 def from_directory(root: Path) -> list[DonorEntry]:
+    """Every folder holding adapter files; a symlinked donor folder that leaves `root` is reported, not followed."""
     entries = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
-        if ADAPTER_CONFIG in filenames or "adapter_model.safetensors" in filenames or "adapter_model.bin" in filenames:
+        if any(f in filenames for f in ADAPTER_FILES):
             rel = Path(dirpath).relative_to(root).as_posix()
             donor = rel if rel != "." else root.name
             entry = DonorEntry(donor, os.path.abspath(dirpath), os.path.abspath(root))
             if not inside(root, dirpath):
                 entry.error = f"path escapes the pool root {root}"
             entries.append(entry)
+        for name in dirnames:  # os.walk does not follow symlinks: report the ones that would leave the root
+            link = Path(dirpath) / name
+            if link.is_symlink() and not inside(root, link) and any((link / f).exists() for f in ADAPTER_FILES):
+                entries.append(DonorEntry(link.relative_to(root).as_posix(), os.path.abspath(link), os.path.abspath(root),
+                                          error=f"folder is a symlink to {link.resolve()}, outside the pool root {root}"))
     return entries
 
 

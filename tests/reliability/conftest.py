@@ -80,6 +80,11 @@ def faults(world, base_dir, pool_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pickle_bomb() -> type[PickleBomb]:
+    return PickleBomb
+
+
+@pytest.fixture(scope="session")
 def many_donors(world, pool_dir) -> Path:
     """A manifest of 16 ids over the 5 pool donors: long enough to be interrupted mid-run."""
     folder = world / "many"
