@@ -101,9 +101,32 @@ def check_init_dir(path: str) -> Path:
     init = Path(path)
     if not (init / "adapter_config.json").is_file():
         raise ConfigError(f"init: {init} is not a PEFT adapter directory (no adapter_config.json)")
-    if not (init / "adapter_model.safetensors").is_file():
+    weights = init / "adapter_model.safetensors"
+    if not weights.is_file():
         raise ConfigError(f"init: {init} has no adapter_model.safetensors (only safetensors weights are loaded)")
+    verify_merge_checksum(init, weights)
     return init
+
+
+def verify_merge_checksum(init: Path, weights: Path) -> None:
+    """A merged adapter records its own sha256 (merge_info.json); a file changed or cut short since is refused.
+
+    Adapters without merge_info.json (trained elsewhere) or without the field (older merges) are not checked.
+    """
+    import json
+
+    from engine.atomic import sha256_file
+
+    info_path = init / "merge_info.json"
+    if not info_path.is_file():
+        return
+    try:
+        expected = json.loads(info_path.read_text()).get("adapter_sha256")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise ConfigError(f"init: {info_path} is corrupt (not a JSON object); re-run the merge") from None
+    if expected is not None and sha256_file(weights) != expected:
+        raise ConfigError(f"init: {weights} does not match the adapter_sha256 in {info_path.name} "
+                          "(modified or partly written since the merge); re-run the merge")
 
 
 def max_length_of(model: Any) -> int | None:
