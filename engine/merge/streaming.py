@@ -14,7 +14,6 @@ from typing import Sequence
 import torch
 
 from engine.atomic import sha256_file
-from engine.atomic import sha256_file
 from engine.errors import ConfigError, DonorError, MashupError
 from engine.merge.base import DonorModule, MergeMethod, MergeOptions, ModuleSpec
 from engine.merge.config import MergeConfig
@@ -170,7 +169,6 @@ def merge_with_config(config: MergeConfig) -> Path:
             "donors": names,
             "weights": weights,
             "sha256": hasher.result(),
-            "adapter_sha256": sha256_file(tmp / WEIGHT_FILE),
             "adapter_sha256": sha256_file(tmp / WEIGHT_FILE),
             "paths": [str(p) for p in paths],
             "engine_version": __version__,
