@@ -115,6 +115,22 @@ class RunConfig(StrictModel):
                 self.merge_config(arm)
             for lr in self.lrs():
                 self.finetune_config(arm, lr, self.sweep.seeds[0])
+        self.check_data()
+
+    def check_data(self) -> None:
+        """Parse and tokenize every data file now: a bad val or eval file must not surface after scoring and merging."""
+        from transformers import AutoConfig
+
+        from engine.data import encode_sample, load_jsonl
+        from engine.finetune.common import load_task, load_tokenizer
+
+        ft = self.finetune_config(self.arms[0], self.lrs()[0], self.sweep.seeds[0])
+        tokenizer = load_tokenizer(ft)
+        context = getattr(AutoConfig.from_pretrained(ft.base, trust_remote_code=ft.trust_remote_code),
+                          "max_position_embeddings", None)
+        load_task(ft, tokenizer, context)
+        if self.eval is not None:
+            encode_sample(tokenizer, load_jsonl(self.eval), context, ft.chat_template, str(self.eval))
 
 
 def run_name(lr: float | None, seed: int) -> str:

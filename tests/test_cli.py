@@ -53,3 +53,68 @@ def test_prompt_longer_than_context(tmp_path, capsys, base_dir, pool_dir):
     assert main(["score", "--base", str(base_dir), "--donors", str(pool_dir), "--data", str(data),
                  "--out", str(tmp_path / "o")]) == 2
     assert "longer than the model context" in err_lines(capsys)[0]
+
+
+def write_bad_data(folder, kind):
+    """A data file of one bad kind; returns (path, the phrase its error must contain)."""
+    path = folder / f"{kind}.jsonl"
+    path.write_text({"empty": "", "empty_completion": '{"prompt": "a", "completion": ""}\n',
+                     "too_long": '{"prompt": "%s", "completion": " x"}\n' % ("alpha " * 400)}[kind])
+    return path, {"empty": "the file is empty", "empty_completion": "empty completion",
+                  "too_long": "longer than the model context"}[kind]
+
+
+@pytest.mark.parametrize("kind", ["empty", "empty_completion", "too_long"])
+@pytest.mark.parametrize("flag", ["--data", "--eval"])
+def test_finetune_bad_data_is_one_line_before_training(tmp_path, capsys, base_dir, task_file, kind, flag):
+    bad, phrase = write_bad_data(tmp_path, kind)
+    files = {"--data": str(task_file), "--eval": str(task_file), flag: str(bad)}
+    argv = ["finetune", "--base", str(base_dir), "--out", str(tmp_path / "o"), *[x for kv in files.items() for x in kv]]
+    assert main(argv) == 2
+    [line] = err_lines(capsys)
+    assert phrase in line and str(bad) in line
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command,config,phrase", [
+    ("finetune", "base: b\ndata: d.jsonl\nout: o\nstepz: 3\n", "stepz: unknown key"),
+    ("finetune", "base: b\ndata: d.jsonl\nout: o\nsteps: many\n", "steps: Input should be a valid integer"),
+    ("merge", "donors: [a]\nout: o\nmethodz: linear\n", "methodz: unknown key"),
+    ("merge", "donors: [a]\nout: o\nweights: heavy\n", "weights: Input should be a valid list"),
+    ("select", "scores: s.parquet\nk: 2\nout: o.json\nkk: 1\n", "kk: unknown key"),
+    ("select", "scores: s.parquet\nk: two\nout: o.json\n", "k: Input should be a valid integer"),
+    ("run", "out: o\nbase: b\ndonors: [d]\ntrain: t.jsonl\nstagez: {}\n", "stagez: unknown key"),
+])
+def test_config_errors_name_the_field(tmp_path, capsys, command, config, phrase):
+    path = tmp_path / "c.yaml"
+    path.write_text(config)
+    assert main([command, "--config", str(path)]) == 2
+    [line] = err_lines(capsys)
+    assert phrase in line, line
+
+
+@pytest.mark.parametrize("argv,phrase", [
+    (["merge", "--selection", "{tmp}/nope.json", "--out", "{tmp}/m"], "selection: file not found"),
+    (["select", "--scores", "{tmp}/nope/scores.parquet", "--k", "1", "--out", "{tmp}/s.json"], "scores: not found"),
+    (["finetune", "--base", "{tmp}/nope", "--data", "{tmp}/d.jsonl", "--out", "{tmp}/o"], "base: not a directory"),
+])
+def test_missing_files_are_one_line(tmp_path, capsys, argv, phrase):
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    [line] = err_lines(capsys)
+    assert phrase in line, line
+
+
+@pytest.mark.parametrize("field,kind", [("train", "empty"), ("val", "empty"), ("val", "empty_completion"),
+                                        ("eval", "too_long"), ("train", "missing")])
+def test_run_checks_every_data_file_before_any_stage(tmp_path, capsys, base_dir, pool_dir, task_file, field, kind):
+    import yaml
+
+    bad, phrase = (tmp_path / "nope.jsonl", "data file not found") if kind == "missing" else write_bad_data(tmp_path, kind)
+    cfg = {"out": str(tmp_path / "run"), "base": str(base_dir), "donors": [str(pool_dir)],
+           "train": str(task_file), "val": str(task_file), "eval": str(task_file), field: str(bad)}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", "--config", str(path)]) == 2
+    [line] = err_lines(capsys)
+    assert phrase in line and str(bad) in line, line
+    assert not (tmp_path / "run").exists(), "a stage ran before the data was checked"
