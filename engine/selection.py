@@ -150,8 +150,8 @@ def select_with_config(config: SelectConfig) -> Selection:
         if not math.isfinite(loss) or (config.below_base and not loss < base_loss):
             continue
         path = row.get("path")
-        candidates.append({"donor": str(row["donor"]), "loss": loss,
-                           "path": None if path is None or (isinstance(path, float) and math.isnan(path)) else str(path),
+        missing_path = path is None or (isinstance(path, float) and math.isnan(path))
+        candidates.append({"donor": str(row["donor"]), "loss": loss, "path": None if missing_path else str(path),
                            "step": donor_step(row.get("meta"))})
     if not candidates:
         why = " with a loss below the base loss" if config.below_base else ""
@@ -168,7 +168,8 @@ def select_with_config(config: SelectConfig) -> Selection:
     selection = Selection(
         k=len(chosen), strategy=config.strategy, weighting=config.weighting, penalty=penalty,
         temperature=temperature, base_loss=base_loss,
-        donors=[SelectedDonor(donor=c["donor"], loss=c["loss"], weight=w, path=c["path"]) for c, w in zip(chosen, weights)],
+        donors=[SelectedDonor(donor=c["donor"], loss=c["loss"], weight=w, path=c["path"])
+                for c, w in zip(chosen, weights)],
     )
     if config.out is not None:
         selection.write(config.out)

@@ -89,8 +89,9 @@ def read_donor(name: str, path: str | Path, layouts: dict | None = None) -> Dono
     weight_file = folder / WEIGHT_FILE
     if not weight_file.is_file():
         other = sorted(p.name for p in folder.glob("adapter_model.*"))
-        reason = f"weights are not safetensors ({', '.join(other)}); refusing to unpickle" if other else f"no {WEIGHT_FILE}"
-        raise DonorError(name, reason)
+        if other:
+            raise DonorError(name, f"weights are not safetensors ({', '.join(other)}); refusing to unpickle")
+        raise DonorError(name, f"no {WEIGHT_FILE}")
     try:
         raw_header, data_size = read_safetensors_header(weight_file)
     except (OSError, ValueError) as exc:

@@ -148,7 +148,8 @@ class SafetensorsStreamWriter:
         offset, itemsize = 0, torch.empty((), dtype=dtype).element_size()
         for key, shape in layout:
             nbytes = itemsize * _numel(shape)
-            header[key] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[key] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape),
+                           "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)

@@ -41,7 +41,8 @@ def magnitude_prune(tensor: torch.Tensor, density: float) -> torch.Tensor:
     return tensor * keep.reshape(tensor.shape)
 
 
-def dare_keep_mask(shape: torch.Size, density: float, seed: int, donor_index: int, module: str, factor: str) -> torch.Tensor:
+def dare_keep_mask(shape: torch.Size, density: float, seed: int, donor_index: int, module: str,
+                   factor: str) -> torch.Tensor:
     """Bernoulli(density) keep-mask from a seed of its own, so pass two and tests can rebuild it exactly."""
     digest = hashlib.sha256(f"{seed}|{donor_index}|{module}|{factor}".encode()).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)

@@ -74,7 +74,8 @@ def resolve_donors(config: MergeConfig) -> tuple[list[str], list[Path], list[flo
     return names, paths, [w / total for w in weights]
 
 
-def group_modules(modules: Sequence[ModuleSpec], method: MergeMethod, rank: int, budget_bytes: int) -> list[list[ModuleSpec]]:
+def group_modules(modules: Sequence[ModuleSpec], method: MergeMethod, rank: int,
+                  budget_bytes: int) -> list[list[ModuleSpec]]:
     """Consecutive modules whose merge state fits the budget together (a lone oversized module is its own group)."""
     groups: list[list[ModuleSpec]] = [[]]
     used = 0
@@ -110,12 +111,13 @@ def stream_modules(donors: Sequence[Donor], weights: Sequence[float], method: Me
             states = {module.name: method.begin(module, rank, options) for module in group}
             for pass_index in range(method.passes):
                 for index, donor in enumerate(donors):
-                    present = [(module.name, donor.modules[module.name]) for module in group if module.name in donor.modules]
+                    present = [(m.name, donor.modules[m.name]) for m in group if m.name in donor.modules]
                     with open_donor(donor.name, donor.weight_file, staging) as read:
                         tensors = read([key for _, keys in present for key in (keys.a_key, keys.b_key)])
                     method.add_donor(
                         [states[name] for name, _ in present],
-                        [DonorModule(index, weights[index], donor.scale, a, b) for a, b in zip(tensors[::2], tensors[1::2])],
+                        [DonorModule(index, weights[index], donor.scale, a, b)
+                         for a, b in zip(tensors[::2], tensors[1::2])],
                         pass_index,
                     )
                     bar.update()
@@ -144,7 +146,8 @@ def merge_with_config(config: MergeConfig) -> Path:
     options = MergeOptions(
         density=config.density, majority_sign=config.majority_sign or "total", seed=config.seed,
         svd_rank=config.svd_rank, donor_ranks=tuple(d.rank for d in donors),
-        shared_scale=all((d.alpha, d.use_rslora, d.rank) == (first.alpha, first.use_rslora, first.rank) for d in donors),
+        shared_scale=all((d.alpha, d.use_rslora, d.rank) == (first.alpha, first.use_rslora, first.rank)
+                         for d in donors),
     )
     rank = method.output_rank(options)
     dtype = output_dtype(donors, config.dtype)
@@ -152,7 +155,9 @@ def merge_with_config(config: MergeConfig) -> Path:
     groups = group_modules(modules, method, rank, int(config.accumulator_mb * 2**20))
     layout = [(key, shape) for group in groups for m in group
               for key, shape in ((m.a_key, m.a_shape(rank)), (m.b_key, m.b_shape(rank)))]
-    progress = config.progress if config.progress is not None else len(groups) * method.passes * len(donors) >= PROGRESS_MIN_READS
+    progress = config.progress
+    if progress is None:
+        progress = len(groups) * method.passes * len(donors) >= PROGRESS_MIN_READS
     adapter_config = merged_adapter_config(donors, method, options, rank)
 
     with atomic_output_dir(config.out, config.overwrite) as tmp, DonorHasher([d.weight_file for d in donors]) as hasher:
