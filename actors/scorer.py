@@ -129,7 +129,7 @@ class DonorScorer:
         return [scores[r.donor] for r in requests]
 
     def _healthy(self, sample: EncodedSample) -> bool:
-        probe = EncodedSample(sample.examples[:1], sample.fingerprint)
+        probe = EncodedSample(sample.examples[:1], f"{sample.fingerprint}-probe")
         try:
             [score] = self.backend.score([DonorRequest(BASE, "", 0)], probe)
         except Exception:  # noqa: BLE001 - any failure of the probe means the backend is unusable
