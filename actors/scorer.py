@@ -23,6 +23,7 @@ from engine.errors import DonorError
 FAULT_HOOK_PREFIX = "MASHUP_TEST_"
 HANG_HOOK = "MASHUP_TEST_HANG_DONOR"  # a donor id: any call that includes it sleeps (a stand-in for a hung backend)
 
+
 @dataclass(frozen=True)
 class ScoreTask:
     entry: DonorEntry
@@ -118,7 +119,12 @@ class DonorScorer:
     def _score_recovering(self, requests: list[DonorRequest], sample: EncodedSample) -> list[DonorScore]:
         """Backend scores; when some failed and the backend can no longer score the base, rebuild and rescore
         the failures alone, rebuilding again after each one that still fails and leaves the backend broken."""
-        scores = {s.donor: s for s in self.backend.score(requests, sample)}
+        try:
+            scores = {s.donor: s for s in self.backend.score(requests, sample)}
+        except Exception:
+            if not self._healthy(sample):  # the driver splits the call; the pieces must find a working backend
+                self._rebuild()
+            raise
         failed = [r for r in requests if scores[r.donor].error]
         if failed and not self._healthy(sample):
             self._rebuild()
