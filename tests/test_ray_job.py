@@ -1,6 +1,7 @@
 """`ray job submit` path: a real Ray head started with `ray start`, a job submitted with JobSubmissionClient."""
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,17 +21,35 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
+    """A head of our own (`ray start --block` in its own session), stopped by killing that session only:
+    `ray stop` would stop every Ray on the machine, including this test session's other cluster."""
+    from ray.job_submission import JobSubmissionClient
+
     ray_bin = Path(sys.executable).with_name("ray")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     temp = tmp_path_factory.mktemp("rayhead")
     gcs, dash = free_port(), free_port()
-    subprocess.run([str(ray_bin), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--num-cpus=2",
-                    "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True, timeout=120)
+    proc = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
+                             "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            JobSubmissionClient(address).list_jobs()
+            break
+        except Exception:  # noqa: BLE001 - the dashboard is still starting
+            assert proc.poll() is None and time.time() < deadline, "ray head did not start"
+            time.sleep(1)
     try:
-        yield f"http://127.0.0.1:{dash}"
+        yield address
     finally:
-        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 @pytest.mark.slow
@@ -43,11 +62,18 @@ def test_submitted_score_job_succeeds(head, tmp_path, base_dir, pool_dir, task_f
     cfg.write_text(f"# mashup score --config job.yaml\nbase: {base_dir}\ndonors: [{pool_dir / 'qv'}]\n"
                    f"data: {task_file}\nout: {tmp_path / 'out'}\nsamples: 8\nactors: 1\n")
     client = JobSubmissionClient(head)
-    job = client.submit_job(
-        entrypoint=f"{sys.executable} -m engine.cli score --config job.yaml",
-        runtime_env={"working_dir": str(work), "env_vars": {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}},
-    )
     deadline = time.time() + 300
+    while True:  # the head's job agent comes up a little after the dashboard answers
+        try:
+            job = client.submit_job(
+                entrypoint=f"{sys.executable} -m engine.cli score --config job.yaml",
+                runtime_env={"working_dir": str(work), "env_vars": {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}},
+            )
+            break
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.time() > deadline:
+                raise
+            time.sleep(2)
     while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         assert time.time() < deadline, "job did not finish in time"
         time.sleep(2)
