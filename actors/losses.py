@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
 from engine.data import Encoded
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -41,6 +43,24 @@ def left_pad(examples: Sequence[Encoded], pad_id: int, device: str | torch.devic
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     n_c = torch.tensor([e.n_completion for e in examples])
     return PaddedBatch(ids.to(device), mask.to(device), pos.to(device), int(n_c.max()) + 1, n_c.to(device))
+
+
+def model_inputs(batch: PaddedBatch) -> dict[str, torch.Tensor | int]:
+    """The forward arguments every completion-loss call passes (scoring, evaluation and training alike)."""
+    return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                logits_to_keep=batch.keep)
+
+
+def chunk_by_tokens(items: Sequence[T], length: Callable[[T], int], budget: int) -> Iterator[list[T]]:
+    """Consecutive chunks of length-sorted items whose padded size (longest × count) stays within `budget`."""
+    chunk: list[T] = []
+    for item in items:
+        if chunk and length(item) * (len(chunk) + 1) > budget:
+            yield chunk
+            chunk = []
+        chunk.append(item)
+    if chunk:
+        yield chunk
 
 
 @contextlib.contextmanager

@@ -5,7 +5,6 @@ donor fits the base is decided later, next to the files, by `engine.validate` (o
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,28 +59,23 @@ def from_directory(root: Path) -> list[DonorEntry]:
 
 
 def from_manifest(manifest: Path) -> list[DonorEntry]:
+    from engine.data import iter_jsonl
+
     root = manifest.parent.absolute()
     entries = []
-    with manifest.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{manifest}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not isinstance(row.get("path"), str):
-                raise ConfigError(f"{manifest}:{lineno}: each line needs string fields 'id' and 'path'")
-            meta = {k: v for k, v in row.items() if k not in ("id", "path")}
-            raw = row["path"]
-            if raw.startswith("hf://"):
-                entries.append(DonorEntry(row["id"], raw, None, meta, revision=_revision(raw)))
-                continue
-            path = (root / raw) if not os.path.isabs(raw) else Path(raw)
-            entry = DonorEntry(row["id"], str(path), str(root), meta)
-            if not inside(root, path):
-                entry.error = f"manifest path {raw!r} escapes the manifest folder {root}"
-            entries.append(entry)
+    for where, row in iter_jsonl(manifest, ConfigError):
+        if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not isinstance(row.get("path"), str):
+            raise ConfigError(f"{where}: each line needs string fields 'id' and 'path'")
+        meta = {k: v for k, v in row.items() if k not in ("id", "path")}
+        raw = row["path"]
+        if raw.startswith("hf://"):
+            entries.append(DonorEntry(row["id"], raw, None, meta, revision=_revision(raw)))
+            continue
+        path = (root / raw) if not os.path.isabs(raw) else Path(raw)
+        entry = DonorEntry(row["id"], str(path), str(root), meta)
+        if not inside(root, path):
+            entry.error = f"manifest path {raw!r} escapes the manifest folder {root}"
+        entries.append(entry)
     return entries
 
 

@@ -10,7 +10,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from engine.errors import DataError
 
@@ -47,20 +47,23 @@ class EncodedSample:
         return sum(e.n_completion for e in self.examples)
 
 
-def load_jsonl(path: str | Path) -> list[Example]:
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"data file not found: {p}")
-    out: list[Example] = []
-    with p.open(encoding="utf-8") as fh:
+def iter_jsonl(path: Path, error: type[Exception] = DataError) -> Iterator[tuple[str, Any]]:
+    """(`file:line`, parsed row) for each non-blank line; a bad line raises `error` naming file and line."""
+    with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield f"{path}:{lineno}", json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{p}:{lineno}: not valid JSON ({exc.msg})") from None
-            out.append(_parse_row(row, f"{p}:{lineno}"))
+                raise error(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+
+
+def load_jsonl(path: str | Path) -> list[Example]:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file not found: {p}")
+    out = [_parse_row(row, where) for where, row in iter_jsonl(p)]
     if not out:
         raise DataError(f"{p}: no examples (the file is empty)")
     return out

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from actors.losses import completion_stats, left_pad
+from actors.losses import chunk_by_tokens, completion_stats, left_pad, model_inputs
 from engine.data import Encoded, Example, encode_example
 
 
@@ -118,29 +118,13 @@ def _row_stats(
     out: list[tuple[float, int, int]] = [(0.0, 0, 0)] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
     with torch.no_grad():
-        for chunk in _chunks_by_tokens(order, rows, batch_tokens):
+        for chunk in chunk_by_tokens(order, lambda i: len(rows[i].input_ids), batch_tokens):
             batch = left_pad([rows[i] for i in chunk], pad_id, device)
-            logits = model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
-                logits_to_keep=batch.keep,
-            ).logits
+            logits = model(**model_inputs(batch)).logits
             nll, hits, ntok = completion_stats(logits, batch)
             for i, a, b, c in zip(chunk, nll.tolist(), hits.tolist(), ntok.tolist()):
                 out[i] = (a, int(b), int(c))
     return out
-
-
-def _chunks_by_tokens(order: list[int], rows: Sequence[Encoded], budget: int) -> Iterator[list[int]]:
-    chunk: list[int] = []
-    for i in order:
-        if chunk and len(rows[i].input_ids) * (len(chunk) + 1) > budget:
-            yield chunk
-            chunk = []
-        chunk.append(i)
-    if chunk:
-        yield chunk
 
 
 def pad_token_id(tokenizer: Any, model: Any) -> int:

@@ -24,7 +24,7 @@ from actors.backends.base import (
     resolve_device,
     resolve_dtype,
 )
-from actors.losses import completion_head, completion_stats, left_pad
+from actors.losses import chunk_by_tokens, completion_head, completion_stats, left_pad, model_inputs
 from engine.data import EncodedSample
 
 
@@ -139,14 +139,9 @@ class HFBackend(Backend):
             key=lambda t: (t[0], t[2].int_id, t[1]),
         )
         acc = defaultdict(lambda: [0.0, 0, 0])
-        for chunk in _chunks_by_tokens(rows, self.options.batch_tokens):
+        for chunk in chunk_by_tokens(rows, lambda row: row[0], self.options.batch_tokens):
             batch = left_pad([sample.examples[i] for _, i, _ in chunk], self.pad_id, self.device)
-            inputs = dict(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
-                logits_to_keep=batch.keep,
-            )
+            inputs = model_inputs(batch)
             names = [self._forward_name.get(self.adapter_name(req), BASE) for _, _, req in chunk]
             head = self.model.get_output_embeddings()
             gather = completion_head(self.model, batch) if isinstance(head, torch.nn.Linear) else _nothing()
@@ -177,17 +172,6 @@ class HFBackend(Backend):
 @contextlib.contextmanager
 def _nothing():
     yield
-
-
-def _chunks_by_tokens(rows: list, budget: int):
-    chunk: list = []
-    for row in rows:
-        if chunk and row[0] * (len(chunk) + 1) > budget:
-            yield chunk
-            chunk = []
-        chunk.append(row)
-    if chunk:
-        yield chunk
 
 
 def _short(exc: BaseException) -> str:

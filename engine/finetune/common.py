@@ -13,7 +13,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from actors.losses import completion_stats, left_pad
+from actors.losses import completion_stats, left_pad, model_inputs
 from engine.data import Encoded, Example, encode_sample, load_jsonl, sample_examples
 from engine.errors import ConfigError, DataError
 from engine.evaluate import EvalResult, evaluate, pad_token_id
@@ -181,12 +181,7 @@ def micro_batch_loss(
     """
     device = next(model.parameters()).device
     batch = left_pad(rows, pad_id, device)
-    logits = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        logits_to_keep=batch.keep,
-    ).logits
+    logits = model(**model_inputs(batch)).logits
     nll, _, _ = completion_stats(logits, batch)
     nll_sum = nll.sum()
     loss = nll_sum * (world_size * grad_accum / n_tokens_global)
