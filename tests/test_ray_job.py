@@ -29,8 +29,13 @@ def head(tmp_path_factory):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     temp = tmp_path_factory.mktemp("rayhead")
     gcs, dash = free_port(), free_port()
+    # Every agent port explicitly free: the session's own local Ray already holds the defaults (52365, ...), and a
+    # second head whose job agent cannot bind answers "No available agent to submit job" forever.
+    agent_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                   f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
     proc = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
-                             "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"],
+                             *agent_ports, "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp}",
+                             "--disable-usage-stats"],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
@@ -62,7 +67,7 @@ def test_submitted_score_job_succeeds(head, tmp_path, base_dir, pool_dir, task_f
     cfg.write_text(f"# mashup score --config job.yaml\nbase: {base_dir}\ndonors: [{pool_dir / 'qv'}]\n"
                    f"data: {task_file}\nout: {tmp_path / 'out'}\nsamples: 8\nactors: 1\n")
     client = JobSubmissionClient(head)
-    deadline = time.time() + 300
+    deadline = time.time() + 120
     while True:  # the head's job agent comes up a little after the dashboard answers
         try:
             job = client.submit_job(
