@@ -41,5 +41,11 @@ def collection_items(uri: str) -> list[str]:
     """The model repos of a Hub collection, as `hf://` URIs (datasets, spaces and papers are skipped)."""
     from huggingface_hub import get_collection
 
+    from engine.errors import ConfigError
+
     slug = uri[len("hf-collection://"):]
-    return [f"hf://{item.item_id}" for item in get_collection(slug).items if item.item_type == "model"]
+    try:
+        items = get_collection(slug).items
+    except Exception as exc:  # noqa: BLE001 - offline mode, network, 404: all one clear line
+        raise ConfigError(f"donors: could not list {uri}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    return [f"hf://{item.item_id}" for item in items if item.item_type == "model"]
