@@ -45,6 +45,7 @@ def score_row(task: ScoreTask | None, score: DonorScore) -> dict[str, Any]:
         "path": entry.path if entry else "",
         "meta": entry.meta if entry else {},
         "revision": entry.revision if entry else None,
+        "backend": score.backend,
     }
 
 
@@ -53,10 +54,12 @@ class DonorScorer:
 
     def __init__(self, backend: str, base: str, options: dict[str, Any], validation: dict[str, Any], threads: int = 0):
         import torch
+        from transformers.utils import logging as hf_logging
 
         from engine.hub import resolve_base
         from engine.validate import base_spec
 
+        hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor and rebuild is noise in the job log
         if threads > 0:
             torch.set_num_threads(threads)
         self.base = resolve_base(base)

@@ -76,7 +76,7 @@ class ActorPoolRunner:
 
     def _rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for row in rows:
-            row.update(backend=self.cfg.backend, sample_id=self.sample.fingerprint, round=0)
+            row.update(backend=row.get("backend") or self.cfg.backend, sample_id=self.sample.fingerprint, round=0)
         return rows
 
     def _fail(self, batch: Batch, reason: str) -> list[dict[str, Any]]:

@@ -43,6 +43,7 @@ class DonorScore:
     n_examples: int = 0
     seconds: float = 0.0
     error: str | None = None
+    backend: str | None = None  # set when a backend hands a donor to another one (vllm → hf fallback)
 
     @property
     def loss(self) -> float:

@@ -324,6 +324,7 @@ class VLLMBackend(Backend):
         reasons = dict((req.donor, reason) for req, reason in items)
         scores = self._hf.score([req for req, _ in items], sample)
         for s in scores:
+            s.backend = "hf"
             if s.error:
                 s.error = f"vllm: {reasons[s.donor]}; hf: {s.error}"
         return {s.donor: s for s in scores}

@@ -247,6 +247,7 @@ def test_unsupported_donors_to_hf(backend, vworld, vsample, peft_ref):
     check(scores["lm_head"], peft_ref("lm_head"))
     check(scores["qv/donor1"], peft_ref("qv/donor1"))
     assert scores["corrupt"].error.startswith("vllm: vLLM cannot load") and "hf:" in scores["corrupt"].error
+    assert scores["lm_head"].backend == "hf" and scores["qv/donor1"].backend is None  # the backend column tells
 
 
 @pytest.mark.vllm
