@@ -6,6 +6,7 @@ parse and a safetensors header read per donor, plus an optional finiteness pass 
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -66,9 +67,7 @@ def read_header(path: Path) -> dict[str, Any]:
         if key == "__metadata__":
             continue
         shape, dtype, (start, end) = info["shape"], info["dtype"], info["data_offsets"]
-        count = 1
-        for d in shape:
-            count *= d
+        count = math.prod(shape)
         if dtype not in DTYPE_BYTES or end - start != count * DTYPE_BYTES[dtype] or not 0 <= start <= end <= data_len:
             raise ValueError(f"tensor {key!r} ({dtype} {shape}) does not fit the file (offsets {start}..{end}, data {data_len} bytes)")
     return header

@@ -6,6 +6,8 @@ method stream with memory that does not grow with the number of donors (DESIGN.m
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -76,7 +78,7 @@ class MergeMethod:
 
     def state_bytes(self, module: ModuleSpec, rank: int) -> int:
         """float32 bytes held for one module while donors stream: the driver groups modules by this."""
-        return 4 * (_numel(module.a_shape(rank)) + _numel(module.b_shape(rank)))
+        return 4 * (math.prod(module.a_shape(rank)) + math.prod(module.b_shape(rank)))
 
     def begin(self, module: ModuleSpec, rank: int, options: MergeOptions) -> Any:
         raise NotImplementedError
@@ -92,9 +94,3 @@ class MergeMethod:
     def finish(self, state: Any) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import struct
 import subprocess
@@ -147,7 +148,7 @@ class SafetensorsStreamWriter:
         header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
         offset, itemsize = 0, torch.empty((), dtype=dtype).element_size()
         for key, shape in layout:
-            nbytes = itemsize * _numel(shape)
+            nbytes = itemsize * math.prod(shape)
             header[key] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape),
                            "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
@@ -193,9 +194,3 @@ def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[P
     with atomic_dir(target) as tmp:
         yield tmp
 
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
