@@ -83,6 +83,12 @@ class Backend(ABC):
         return []
 
 
+def short_error(exc: BaseException) -> str:
+    """One line a donor's `error` can carry: the exception type and the first line of its message."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
 def resolve_device(device: str) -> str:
     import torch
 

@@ -23,6 +23,7 @@ from actors.backends.base import (
     DonorScore,
     resolve_device,
     resolve_dtype,
+    short_error,
 )
 from actors.losses import chunk_by_tokens, completion_head, completion_stats, left_pad, model_inputs
 from engine.data import EncodedSample
@@ -109,7 +110,7 @@ class HFBackend(Backend):
                 self._ensure([req])
                 loadable.append(req)
             except Exception as exc:  # noqa: BLE001 - a donor's failure must not fail its batch
-                results[req.donor] = DonorScore(req.donor, error=f"adapter failed to load: {_short(exc)}")
+                results[req.donor] = DonorScore(req.donor, error=f"adapter failed to load: {short_error(exc)}")
         groups = [loadable] if self.options.mixed_batch else [[r] for r in loadable]
         for group in groups:
             try:
@@ -119,7 +120,7 @@ class HFBackend(Backend):
                     try:
                         results.update(self._score_group([req], sample))
                     except Exception as exc:  # noqa: BLE001
-                        results[req.donor] = DonorScore(req.donor, error=f"forward failed: {_short(exc)}")
+                        results[req.donor] = DonorScore(req.donor, error=f"forward failed: {short_error(exc)}")
         return [results[r.donor] for r in donors]
 
     def _ensure(self, reqs: list[DonorRequest]) -> None:
@@ -173,7 +174,3 @@ class HFBackend(Backend):
 def _nothing():
     yield
 
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]

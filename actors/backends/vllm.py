@@ -29,7 +29,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from actors.backends.base import Backend, BackendOptions, DonorRequest, DonorScore
+from actors.backends.base import Backend, BackendOptions, DonorRequest, DonorScore, short_error
 from actors.backends.vllm_cpu_compat import vllm_distribution
 from engine.data import EncodedSample
 
@@ -223,7 +223,7 @@ class VLLMBackend(Backend):
                     self._register(req)
                     group.append(req)
                 except Exception as exc:  # noqa: BLE001 - one adapter's failure must not fail its group
-                    unsupported[req.donor] = (req, f"vLLM cannot load the adapter: {_short(exc)}")
+                    unsupported[req.donor] = (req, f"vLLM cannot load the adapter: {short_error(exc)}")
             results.update(self._score_safely(group, sample))
         results.update(self._score_unsupported(list(unsupported.values()), sample))
         return [results[r.donor] for r in donors]
@@ -276,7 +276,7 @@ class VLLMBackend(Backend):
                     self._register(req)
                 out.update(self._generate([req], sample))
             except Exception as exc:  # noqa: BLE001
-                out[req.donor] = DonorScore(req.donor, error=f"vLLM forward failed: {_short(exc)}")
+                out[req.donor] = DonorScore(req.donor, error=f"vLLM forward failed: {short_error(exc)}")
                 self._restart()
         return out
 
@@ -329,7 +329,3 @@ class VLLMBackend(Backend):
                 s.error = f"vllm: {reasons[s.donor]}; hf: {s.error}"
         return {s.donor: s for s in scores}
 
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]

@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import Field
 
 from bench.world import tasks as T
+from engine.atomic import atomic_write_text
 from engine.config import StrictModel
 
 log = logging.getLogger("mashup.world")
@@ -62,9 +63,7 @@ SCALES = {
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def build_base(spec: WorldSpec, out: Path) -> Path:
