@@ -14,7 +14,7 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from tqdm.auto import tqdm
 
@@ -86,12 +86,17 @@ class ActorPoolRunner:
     def live(self) -> int:
         return len(self.idle) + len(self.starting) + len(self.inflight)
 
-    def run(self, entries: list[DonorEntry], include_base: bool, summary) -> None:
-        """Score `entries` (and the base) until every one has exactly one row in the store."""
+    def run(self, entries: list[DonorEntry], include_base: bool, summary, *,
+            ids: Mapping[str, int] | None = None, keep_actors: bool = False) -> None:
+        """Score `entries` (and the base) until every one has exactly one row in the store.
+
+        A caller that runs several jobs on the same actors (the cascade's rounds) passes `keep_actors=True`, then
+        `close()`, and `ids` that stay stable across runs: backends key resident adapters by these integer ids.
+        """
         import ray
 
         ensure_ray(self.cfg.ray_address)
-        tasks: list[ScoreTask | None] = [ScoreTask(e, i + 1) for i, e in enumerate(entries)]
+        tasks: list[ScoreTask | None] = [ScoreTask(e, ids[e.donor] if ids else i + 1) for i, e in enumerate(entries)]
         if include_base:
             tasks.insert(0, None)
         n = self.cfg.donors_per_call
@@ -114,10 +119,21 @@ class ActorPoolRunner:
                         self._returned(ref, summary, bar)
                 self._check_timeouts(summary, bar)
                 self._warn_if_stalled()
+        except BaseException:
+            self.close()
+            raise
         finally:
             bar.close()
-            for actor in [*self.idle, *self.starting.values(), *(f.actor for f in self.inflight.values())]:
-                ray.kill(actor, no_restart=True)
+        if not keep_actors:
+            self.close()
+
+    def close(self) -> None:
+        """Kill every actor this runner holds."""
+        import ray
+
+        for actor in [*self.idle, *self.starting.values(), *(f.actor for f in self.inflight.values())]:
+            ray.kill(actor, no_restart=True)
+        self.idle, self.starting, self.inflight = [], {}, {}
 
     def _started(self, ref) -> None:
         import ray

@@ -25,6 +25,9 @@ SCHEMA = pa.schema(
         ("token_accuracy", pa.float64()),
         ("n_examples", pa.int64()),
         ("n_tokens", pa.int64()),
+        ("nll_sq_sum", pa.float64()),
+        ("nll_tok_sum", pa.float64()),
+        ("tok_sq_sum", pa.int64()),
         ("status", pa.string()),
         ("error", pa.string()),
         ("backend", pa.string()),
@@ -73,7 +76,8 @@ def read_scores(path: str | Path) -> pd.DataFrame:
     folder = p if p.is_dir() else p.parent
     frames = []
     if (folder / SCORES).exists():
-        frames.append(pq.read_table(folder / SCORES).to_pandas())
+        # A store written before a column existed reads with that column null, so the schema can grow.
+        frames.append(pq.read_table(folder / SCORES).to_pandas().reindex(columns=SCHEMA.names))
     journal = _read_journal(folder / JOURNAL)
     if journal:
         frames.append(_frame(journal))

@@ -44,6 +44,19 @@ class DonorScore:
     seconds: float = 0.0
     error: str | None = None
     backend: str | None = None  # set when a backend hands a donor to another one (vllm → hf fallback)
+    # Per-example moments (Σ nllᵢ², Σ nllᵢ·tokᵢ, Σ tokᵢ²): the loss's standard error, which the cascade prunes on.
+    nll_sq_sum: float = 0.0
+    nll_tok_sum: float = 0.0
+    tok_sq_sum: int = 0
+
+    def add_example(self, nll: float, correct: int, tokens: int) -> None:
+        """Accumulate one example's completion statistics."""
+        self.nll_sum += nll
+        self.n_correct += correct
+        self.n_tokens += tokens
+        self.nll_sq_sum += nll * nll
+        self.nll_tok_sum += nll * tokens
+        self.tok_sq_sum += tokens * tokens
 
     @property
     def loss(self) -> float:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections import defaultdict
 
 import torch
 from pydantic import Field
@@ -139,7 +138,7 @@ class HFBackend(Backend):
             ((len(ex.input_ids), i, req) for req in group for i, ex in enumerate(sample.examples)),
             key=lambda t: (t[0], t[2].int_id, t[1]),
         )
-        acc = defaultdict(lambda: [0.0, 0, 0])
+        acc = {req.donor: DonorScore(req.donor, n_examples=len(sample.examples)) for req in group}
         for chunk in chunk_by_tokens(rows, lambda row: row[0], self.options.batch_tokens):
             batch = left_pad([sample.examples[i] for _, i, _ in chunk], self.pad_id, self.device)
             inputs = model_inputs(batch)
@@ -155,15 +154,12 @@ class HFBackend(Backend):
                     logits = self.peft(**inputs, adapter_names=names).logits
             nll, hits, ntok = completion_stats(logits, batch)
             for (_, _, req), a, b, c in zip(chunk, nll.tolist(), hits.tolist(), ntok.tolist()):
-                s = acc[req.donor]
-                s[0] += a
-                s[1] += b
-                s[2] += c
+                acc[req.donor].add_example(a, b, c)
         seconds = (time.perf_counter() - t0) / len(group)
         out = {}
         for req in group:
-            nll_sum, n_correct, n_tokens = acc[req.donor]
-            score = DonorScore(req.donor, nll_sum, n_correct, n_tokens, len(sample.examples), seconds)
+            score = acc[req.donor]
+            score.seconds = seconds
             if not torch.isfinite(torch.tensor(score.loss)):
                 score.error = f"non-finite loss ({score.loss}); the adapter's weights are likely corrupt"
             out[req.donor] = score

@@ -290,20 +290,21 @@ class VLLMBackend(Backend):
                 loras.append(lora)
                 owners.append(req)
         outputs = self.llm.generate(prompts, self.sampling, lora_request=loras, use_tqdm=False)
-        acc = {req.donor: [0.0, 0, 0] for req in group}
+        acc = {req.donor: DonorScore(req.donor, n_examples=len(sample.examples)) for req in group}
         for out, req, ex in zip(outputs, owners, sample.examples * len(group)):
-            s = acc[req.donor]
+            nll, hits, ntok = 0.0, 0, 0
             for j in range(max(ex.n_prompt, 1), len(ex.input_ids)):
                 target, entries = ex.input_ids[j], out.prompt_logprobs[j]
                 top1 = max(entries.items(), key=lambda kv: kv[1].logprob)[0]
-                s[0] -= entries[target].logprob
-                s[1] += int(top1 == target)
-                s[2] += 1
+                nll -= entries[target].logprob
+                hits += int(top1 == target)
+                ntok += 1
+            acc[req.donor].add_example(nll, hits, ntok)
         seconds = (time.perf_counter() - t0) / len(group)
         results = {}
         for req in group:
-            nll, hits, ntok = acc[req.donor]
-            score = DonorScore(req.donor, nll, hits, ntok, len(sample.examples), seconds)
+            score = acc[req.donor]
+            score.seconds = seconds
             if not math.isfinite(score.loss):
                 score.error = f"non-finite loss ({score.loss}); the adapter's weights are likely corrupt"
             results[req.donor] = score
