@@ -1,16 +1,20 @@
 """The scoring actor: the base stays resident on its device; donors are fetched, validated and scored here.
 
 Validation and Hub fetches run next to the files, on the node that scores them, so the driver never ships
-adapter bytes and never loads the base model. A donor can leave the backend unable to score anything (a PEFT
-wrapper that refuses mixed batches stays in the model after its donor is evicted); the actor notices with a
-one-example probe of the base, rebuilds the backend and rescores that call's failures one at a time.
+adapter bytes and never loads the base model. A call's Hub donors are downloaded together, `fetch_workers` at a
+time, into this node's HF cache; each row says which node, host and process fetched and scored it.
+
+A donor can leave the backend unable to score anything (a PEFT wrapper that refuses mixed batches stays in the
+model after its donor is evicted); the actor notices with a one-example probe of the base, rebuilds the backend
+and rescores that call's failures one at a time.
 """
 from __future__ import annotations
 
 import math
 import os
+import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from actors.backends import get_backend
@@ -55,7 +59,8 @@ def score_row(task: ScoreTask | None, score: DonorScore) -> dict[str, Any]:
 class DonorScorer:
     """Plain class; `engine.scoring` wraps it with `ray.remote` and the resources the user asked for."""
 
-    def __init__(self, backend: str, base: str, options: dict[str, Any], validation: dict[str, Any], threads: int = 0):
+    def __init__(self, backend: str, base: str, options: dict[str, Any], validation: dict[str, Any], threads: int = 0,
+                 fetch_workers: int = 4):
         import torch
         from transformers.utils import logging as hf_logging
 
@@ -71,7 +76,9 @@ class DonorScorer:
         self.backend = self.backend_cls(self.base, self.options)
         self.spec = base_spec(self.base, trust_remote_code=self.options.trust_remote_code)
         self.validation = validation
+        self.fetch_workers = fetch_workers
         self.rebuilds = 0
+        self.where = {"node": self.node(), "host": socket.gethostname(), "pid": os.getpid()}
 
     def pid(self) -> int:
         return os.getpid()
@@ -84,8 +91,10 @@ class DonorScorer:
     def resident(self) -> list[str]:
         return self.backend.resident()
 
-    def _prepare(self, task: ScoreTask) -> DonorRequest:
-        from engine.hub import fetch
+    def _prepare(self, task: ScoreTask, fetched: dict[str, str | BaseException]) -> tuple[DonorRequest, ScoreTask]:
+        """The request for one donor, and its task as scored: a Hub donor's path and revision name the commit
+        this node's cache actually holds, which is what its row records."""
+        from engine.hub import HubRef, hub_error, snapshot_commit
         from engine.validate import validate_donor
 
         entry = task.entry
@@ -93,15 +102,21 @@ class DonorScorer:
             raise DonorError(entry.donor, entry.error)
         folder = entry.path
         if entry.is_hub:
-            try:
-                folder = fetch(entry.path)
-            except Exception as exc:  # noqa: BLE001 - network/cache errors are per-donor
-                raise DonorError(entry.donor, f"could not fetch {entry.path}: {type(exc).__name__}: {exc}") from None
+            got = fetched[entry.path]
+            if isinstance(got, BaseException):
+                raise DonorError(entry.donor, hub_error(entry.path, got))
+            folder, commit = got, snapshot_commit(got)
+            uri = HubRef(HubRef.parse(entry.path).repo_id, commit).uri
+            task = ScoreTask(replace(entry, path=uri, revision=commit), task.int_id)
         validate_donor(entry.donor, folder, self.spec, root=entry.root, **self.validation)
-        return DonorRequest(entry.donor, str(folder), task.int_id)
+        return DonorRequest(entry.donor, str(folder), task.int_id), task
 
     def score(self, tasks: list[ScoreTask | None], sample: EncodedSample) -> list[dict[str, Any]]:
         """`None` in `tasks` stands for the base model. Returns one row per task, in order."""
+        from engine.hub import fetch_all
+
+        hub = [t.entry.path for t in tasks if t is not None and t.entry.is_hub and not t.entry.error]
+        fetched = fetch_all(hub, self.fetch_workers)
         rows: dict[str, dict[str, Any]] = {}
         requests, by_donor = [], {}
         for task in tasks:
@@ -110,8 +125,9 @@ class DonorScorer:
                 continue
             t0 = time.perf_counter()
             try:
-                requests.append(self._prepare(task))
-                by_donor[task.entry.donor] = task
+                request, scored = self._prepare(task, fetched)
+                requests.append(request)
+                by_donor[task.entry.donor] = scored
             except DonorError as exc:
                 rows[task.entry.donor] = score_row(task, DonorScore(task.entry.donor, error=exc.reason,
                                                                     seconds=time.perf_counter() - t0))
@@ -120,7 +136,10 @@ class DonorScorer:
             time.sleep(3600)
         for score in self._score_recovering(requests, sample) if requests else []:
             rows[score.donor] = score_row(by_donor.get(score.donor), score)
-        return [rows[BASE if t is None else t.entry.donor] for t in tasks]
+        out = [rows[BASE if t is None else t.entry.donor] for t in tasks]
+        for row, task in zip(out, tasks):
+            row["placement"] = {**self.where, "source": "hub" if task and task.entry.is_hub else "path"}
+        return out
 
     def _score_recovering(self, requests: list[DonorRequest], sample: EncodedSample) -> list[DonorScore]:
         """Backend scores; when some failed and the backend can no longer score the base, rebuild and rescore

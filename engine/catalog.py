@@ -1,10 +1,12 @@
 """Donor sources → donor entries: directories, JSONL manifests, `hf://` repos and `hf-collection://` collections.
 
-The catalog only names donors and checks where they live (no file escapes its root, ids are unique). Whether a
-donor fits the base is decided later, next to the files, by `engine.validate` (on the node that scores it).
+The catalog only names donors and checks where they live (no file escapes its root, ids are unique), and pins
+every Hub donor to a commit. Whether a donor fits the base is decided later, next to the files, by
+`engine.validate` (on the node that scores it).
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +14,8 @@ from typing import Any, Iterable
 
 from engine.errors import ConfigError
 
+log = logging.getLogger("mashup.catalog")
+HUB_CONCURRENCY = 8
 ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -99,8 +103,9 @@ def from_source(source: str) -> list[DonorEntry]:
     raise ConfigError(f"donors: {source!r} is not a folder, a .jsonl manifest, hf://… or hf-collection://…")
 
 
-def build_catalog(sources: Iterable[str]) -> list[DonorEntry]:
-    """All donors of all sources; a repeated id is kept once and each repeat is marked failed, never dropped silently."""
+def build_catalog(sources: Iterable[str], hub_concurrency: int = HUB_CONCURRENCY) -> list[DonorEntry]:
+    """All donors of all sources, Hub donors pinned to a commit; a repeated id is kept once and each repeat is
+    marked failed, never dropped silently."""
     seen: dict[str, DonorEntry] = {}
     out: list[DonorEntry] = []
     for source in sources:
@@ -118,4 +123,52 @@ def build_catalog(sources: Iterable[str]) -> list[DonorEntry]:
             out.append(entry)
     if not out:
         raise ConfigError(f"donors: no adapters found in {list(sources)}")
+    pin_revisions(out, hub_concurrency)
     return out
+
+
+def pin_revisions(entries: list[DonorEntry], concurrency: int = HUB_CONCURRENCY) -> None:
+    """Rewrite each Hub donor's path to `hf://owner/name@<commit>`, so that every node fetches the same files, the
+    scores record the commit scored and a later merge reads that commit, whatever its branch does meanwhile.
+
+    A donor the Hub does not know (repo, revision, access) gets its error here. One that cannot be resolved on this
+    machine (offline, or the Hub unreachable, and no ref in this machine's cache) stays unpinned: the node that
+    scores it resolves the ref from its own cache and the row records the commit it used.
+    """
+    from engine.hub import HubRef, hub_error, resolve_commits, unresolvable_here
+
+    todo = [(e, HubRef.parse(e.path)) for e in entries if e.is_hub and e.error is None]
+    unpinned = 0
+    for (entry, ref), result in zip(todo, resolve_commits([ref for _, ref in todo], concurrency)):
+        if isinstance(result, str):
+            if result != ref.revision:
+                entry.meta = {**entry.meta, "requested_revision": ref.revision or "main"}
+            entry.path, entry.revision = HubRef(ref.repo_id, result).uri, result
+        elif unresolvable_here(result):
+            unpinned += 1
+        else:
+            entry.error = hub_error(ref.uri, result)
+    if unpinned:
+        log.warning("%d Hub donors could not be pinned here (offline or Hub unreachable, not in this cache); "
+                    "each is pinned by the node that scores it", unpinned)
+
+
+def moved_revisions(entries: Iterable[DonorEntry], rows, sample_id: str) -> dict[str, tuple[str, str]]:
+    """Donors whose `ok` row for this sample holds another commit than the one pinned now: {donor: (scored, now)}.
+
+    A rerun after a branch moved rescores these (their new rows replace the old ones) rather than mixing
+    commits: a score must describe the files that a later merge reads. `rows` is the store's frame.
+    """
+    from engine.hub import COMMIT
+
+    ok = rows[(rows.status == "ok") & (rows.sample_id == sample_id)]
+    scored = dict(zip(ok.donor, ok.revision))
+    moved = {}
+    for e in entries:
+        old = scored.get(e.donor)
+        if e.is_hub and e.revision and COMMIT.fullmatch(e.revision) and isinstance(old, str) and old != e.revision:
+            moved[e.donor] = (old, e.revision)
+    if moved:
+        log.warning("%d Hub donors moved to another commit since they were scored; rescoring them: %s", len(moved),
+                    ", ".join(f"{d} ({a[:8]} -> {b[:8]})" for d, (a, b) in sorted(moved.items())[:10]))
+    return moved

@@ -41,6 +41,11 @@ class ScoreConfig(StrictModel):
     strict_base_name: bool = False
     check_finite: bool = True
     ray_address: str | None = Field(None, description="cluster address; none starts a local Ray (or uses RAY_ADDRESS)")
+    actor_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each actor reserves (pins actors to nodes that have them)"
+    )
+    node_labels: dict[str, str] = Field(default_factory=dict, description="Ray label selector for the actors' nodes")
+    hub_concurrency: int = Field(8, ge=1, description="Hub downloads in flight per actor, and revision look-ups")
 
     @field_validator("samples", mode="before")
     @classmethod
@@ -94,16 +99,16 @@ def prepare_sample(cfg: ScoreConfig):
 
 def score(cfg: ScoreConfig) -> ScoreSummary:
     """Score every donor not already `ok` for this sample; safe to rerun after any interruption."""
-    from engine.catalog import build_catalog
+    from engine.catalog import build_catalog, moved_revisions
     from engine.scoring_pool import ActorPoolRunner
     from engine.store import ScoreStore
 
     t0 = time.perf_counter()
     opts = cfg.backend_opts()
     sample = prepare_sample(cfg)
-    catalog = build_catalog(cfg.donors)
+    catalog = build_catalog(cfg.donors, cfg.hub_concurrency)
     store = ScoreStore(cfg.out)
-    done = store.completed(sample.fingerprint)
+    done = store.completed(sample.fingerprint) - set(moved_revisions(catalog, store.read(), sample.fingerprint))
     summary = ScoreSummary(cfg.out)
     pending = [e for e in catalog if e.donor not in done]
     summary.skipped_done = len(catalog) - len(pending)

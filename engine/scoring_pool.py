@@ -8,6 +8,7 @@ split until the culprit is alone, then failed with the reason.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -26,6 +27,7 @@ from engine.ray_utils import WORKER_ENV, cluster_has_gpus, ensure_ray
 
 log = logging.getLogger("mashup.score")
 WAIT_WARN_S = 60.0
+PLACEMENT_LOG = "placement.jsonl"
 
 Batch = list  # list[ScoreTask | None]; None stands for the base model
 
@@ -54,6 +56,7 @@ class ActorPoolRunner:
         self.target = 0
         self.start_failures = 0
         self.last_progress = time.monotonic()
+        self.nodes: dict[str, str] = {}  # node id -> host of every node that returned rows
 
     def _new_actor(self) -> None:
         import ray
@@ -62,16 +65,11 @@ class ActorPoolRunner:
         if gpus == "auto":
             gpus = 1 if cluster_has_gpus() else 0
         hooks = {k: v for k, v in os.environ.items() if k.startswith(FAULT_HOOK_PREFIX)}
-        cls = ray.remote(DonorScorer).options(
-            num_cpus=self.cfg.cpus_per_actor,
-            num_gpus=gpus,
-            scheduling_strategy="SPREAD" if self.cfg.placement == "spread" else "DEFAULT",
-            max_restarts=0,
-            max_task_retries=0,
-            runtime_env={"env_vars": {**WORKER_ENV, **hooks}},
-        )
+        cls = ray.remote(DonorScorer).options(**placement_options(self.cfg, gpus), max_restarts=0, max_task_retries=0,
+                                              runtime_env={"env_vars": {**WORKER_ENV, **hooks}})
         threads = max(1, int(self.cfg.cpus_per_actor))
-        actor = cls.remote(self.cfg.backend, self.cfg.base, self.options, self.validation, threads)
+        actor = cls.remote(self.cfg.backend, self.cfg.base, self.options, self.validation, threads,
+                           self.cfg.hub_concurrency)
         self.starting[actor.pid.remote()] = actor
 
     def _rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -124,6 +122,9 @@ class ActorPoolRunner:
             raise
         finally:
             bar.close()
+            if self.nodes:
+                log.info("donors fetched and scored on %d node(s): %s", len(self.nodes),
+                         ", ".join(f"{host} ({node[:8]})" for node, host in sorted(self.nodes.items())))
         if not keep_actors:
             self.close()
 
@@ -169,6 +170,7 @@ class ActorPoolRunner:
         self._record(rows, summary, bar)
 
     def _record(self, rows: list[dict[str, Any]], summary, bar) -> None:
+        self._log_placement(rows)
         self.store.append(rows)
         self.last_progress = time.monotonic()
         for row in rows:
@@ -179,6 +181,19 @@ class ActorPoolRunner:
                 summary.failures[row["donor"]] = row["error"]
         bar.update(len(rows))
         bar.set_postfix(failed=summary.failed, retries=summary.retries, refresh=False)
+
+    def _log_placement(self, rows: list[dict[str, Any]]) -> None:
+        """Where each donor was fetched and scored, one JSON line per row in `<out>/placement.jsonl`."""
+        lines = []
+        for row in rows:
+            where = row.pop("placement", None)
+            if where:
+                self.nodes.setdefault(where["node"], where["host"])
+                lines.append(json.dumps({"donor": row["donor"], "sample_id": row.get("sample_id"),
+                                         "round": row.get("round"), **where}) + "\n")
+        if lines:
+            with (self.store.dir / PLACEMENT_LOG).open("a", encoding="utf-8") as fh:
+                fh.writelines(lines)
 
     def _actor_died(self, exc: Exception, batch: Batch, summary, bar) -> None:
         key = tuple(BASE if t is None else t.entry.donor for t in batch)
@@ -215,9 +230,24 @@ class ActorPoolRunner:
 
     def _warn_if_stalled(self) -> None:
         if not self.inflight and self.starting and time.monotonic() - self.last_progress > WAIT_WARN_S:
-            log.warning("waiting for %d scoring actors to be placed (does the cluster have the CPUs/GPUs asked for?)",
-                        len(self.starting))
+            log.warning("waiting for %d scoring actors to be placed (does a node have the CPUs, GPUs, "
+                        "actor_resources and node_labels asked for?)", len(self.starting))
             self.last_progress = time.monotonic()
+
+
+def placement_options(cfg, gpus: float) -> dict[str, Any]:
+    """Ray options that decide where an actor may run: its CPUs/GPUs, any custom resources (a node advertises
+    them with `ray start --resources`) and node labels (`ray start --labels`), spread over nodes or packed."""
+    opts: dict[str, Any] = {
+        "num_cpus": cfg.cpus_per_actor,
+        "num_gpus": gpus,
+        "scheduling_strategy": "SPREAD" if cfg.placement == "spread" else "DEFAULT",
+    }
+    if cfg.actor_resources:
+        opts["resources"] = dict(cfg.actor_resources)
+    if cfg.node_labels:
+        opts["label_selector"] = dict(cfg.node_labels)
+    return opts
 
 
 def _one_line(exc: BaseException) -> str:
