@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
+from engine.cascade import CascadeConfig
 from engine.config import StrictModel
 from engine.errors import ConfigError
 
@@ -46,6 +47,16 @@ class ScoreConfig(StrictModel):
     )
     node_labels: dict[str, str] = Field(default_factory=dict, description="Ray label selector for the actors' nodes")
     hub_concurrency: int = Field(8, ge=1, description="Hub downloads in flight per actor, and revision look-ups")
+    strategy: Literal["exhaustive", "cascade"] = Field(
+        "exhaustive", description="exhaustive: every donor on the whole sample (the paper); cascade: successive halving"
+    )
+    cascade: CascadeConfig = Field(default_factory=CascadeConfig, description="options of strategy: cascade")
+
+    @model_validator(mode="after")
+    def _cascade_options_need_the_cascade(self) -> "ScoreConfig":
+        if "cascade" in self.model_fields_set and self.strategy != "cascade":
+            raise ValueError("cascade: options given but strategy is 'exhaustive'; set strategy: cascade")
+        return self
 
     @field_validator("samples", mode="before")
     @classmethod
@@ -78,6 +89,8 @@ class ScoreSummary:
     retries: int = 0
     seconds: float = 0.0
     failures: dict[str, str] = field(default_factory=dict)
+    donor_examples: int = 0  # donor × example pairs scored by this call (the base excluded): the compute used
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # the cascade's rounds (cascade.json), else empty
 
 
 def prepare_sample(cfg: ScoreConfig):
@@ -98,7 +111,7 @@ def prepare_sample(cfg: ScoreConfig):
 
 
 def score(cfg: ScoreConfig) -> ScoreSummary:
-    """Score every donor not already `ok` for this sample; safe to rerun after any interruption."""
+    """Score every donor not already `ok` for this sample (or run the cascade); safe to rerun after any interruption."""
     from engine.catalog import build_catalog, moved_revisions
     from engine.scoring_pool import ActorPoolRunner
     from engine.store import ScoreStore
@@ -108,8 +121,15 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     sample = prepare_sample(cfg)
     catalog = build_catalog(cfg.donors, cfg.hub_concurrency)
     store = ScoreStore(cfg.out)
-    done = store.completed(sample.fingerprint) - set(moved_revisions(catalog, store.read(), sample.fingerprint))
     summary = ScoreSummary(cfg.out)
+    if cfg.strategy == "cascade":
+        from engine.cascade import run_cascade
+
+        run_cascade(cfg, opts, sample, catalog, store, summary)
+        store.compact()
+        summary.seconds = time.perf_counter() - t0
+        return summary
+    done = store.completed(sample.fingerprint) - set(moved_revisions(catalog, store.read(), sample.fingerprint))
     pending = [e for e in catalog if e.donor not in done]
     summary.skipped_done = len(catalog) - len(pending)
     include_base = "__base__" not in done
@@ -118,6 +138,7 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     if pending or include_base:
         runner = ActorPoolRunner(cfg, opts.model_dump(), sample, store)
         runner.run(pending, include_base, summary)
+        summary.donor_examples = len(pending) * len(sample.examples)
     store.compact()
     summary.seconds = time.perf_counter() - t0
     return summary

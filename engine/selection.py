@@ -2,6 +2,8 @@
 
 Selection is cheap and deterministic (random-k is seeded), so it is always recomputed from scores.parquet rather
 than cached; the only state it produces is the small selection.json that `mashup merge --selection` reads.
+Only full-sample losses are ranked. After a cascade only top-k is meaningful (the ablations need every donor's
+full-sample loss, which a cascade does not measure), so the other strategies are an error there.
 """
 from __future__ import annotations
 
@@ -96,6 +98,29 @@ def read_score_rows(scores: str | Path):
     return rows
 
 
+def full_sample_rows(rows, source: object = "scores"):
+    """Rows measured on a whole sample, and the donors a cascade stopped early (ok on a partial slice only).
+
+    A cascade's partial-slice rows (`sample_id` "<sample>@<n>") are never ranked: their losses cover fewer
+    examples than the full-sample rows. A cascade whose last round is unfinished has no full-sample base row yet.
+    """
+    from engine.cascade import is_partial
+
+    partial = rows["sample_id"].map(is_partial).astype(bool)
+    full = rows[~partial]
+    if full.empty:
+        raise DataError(f"{source}: the cascade has not reached the full sample yet (only partial rounds are "
+                        "recorded); rerun `mashup score` with the same config to finish it")
+    full = current_sample_rows(full)
+    sample = full["sample_id"].iloc[0]
+    cascade = rows[rows["sample_id"].map(lambda s: is_partial(s) and s.split("@")[0] == sample).astype(bool)]
+    if len(cascade) and not ((full["donor"] == BASE_ROW) & (full["status"] == "ok")).any():
+        raise DataError(f"{source}: the cascade's final round is unfinished (no full-sample {BASE_ROW} row yet); "
+                        "rerun `mashup score` with the same config to finish it")
+    stopped = set(cascade.loc[cascade["status"] == "ok", "donor"]) - set(full.loc[full["status"] == "ok", "donor"])
+    return full, stopped
+
+
 def current_sample_rows(rows):
     """Rows of one data sample: losses measured on different samples are not comparable."""
     if "sample_id" not in rows.columns or rows["sample_id"].nunique(dropna=False) <= 1:
@@ -135,7 +160,11 @@ def select_with_config(config: SelectConfig) -> Selection:
     """Config-driven selection shared by the CLI, the Python API and `mashup run`."""
     if config.scores is None:
         raise ConfigError("scores: required (path to scores.parquet or its folder)")
-    rows = current_sample_rows(read_score_rows(config.scores))
+    rows, stopped = full_sample_rows(read_score_rows(config.scores), config.scores)
+    if stopped and config.strategy != "top-k":
+        raise DataError(f"strategy: {config.strategy} needs every donor's full-sample loss, but the cascade in "
+                        f"{config.scores} stopped {len(stopped)} donors early; use top-k, or score with "
+                        "strategy: exhaustive")
     ok = rows[rows["status"] == "ok"].drop_duplicates(subset="donor", keep="last")
     base = ok[ok["donor"] == BASE_ROW]
     base_loss = float(base["loss"].iloc[-1]) if len(base) else None
@@ -157,6 +186,10 @@ def select_with_config(config: SelectConfig) -> Selection:
         why = " with a loss below the base loss" if config.below_base else ""
         raise DataError(f"scores: no donor with status ok{why} in {config.scores}")
     candidates.sort(key=lambda c: (c["loss"], c["donor"]))
+    full_donors = int((ok["donor"] != BASE_ROW).sum())
+    if stopped and config.k is not None and config.k > full_donors:
+        raise DataError(f"k: {config.k} exceeds the {full_donors} donors the cascade scored on the full sample; "
+                        f"rerun `mashup score` with cascade.min_survivors >= {config.k} (it resumes)")
 
     chosen = pick(candidates, config)
     weights = compute_weights(

@@ -17,6 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--actors", type=int, help="number of scoring actors (default 1)")
     p.add_argument("--donors-per-call", type=int, dest="donors_per_call", help="donors per actor call (default 8)")
     p.add_argument("--ray-address", dest="ray_address", help="Ray cluster address (default: local Ray)")
+    p.add_argument("--strategy", choices=("exhaustive", "cascade"),
+                   help="exhaustive (default, the paper) or cascade (successive halving; options in the config's cascade:)")
     p.set_defaults(handler=run)
 
 
@@ -24,13 +26,17 @@ def run(args: argparse.Namespace) -> int:
     from engine.config import build_config
     from engine.scoring import ScoreConfig, score
 
-    keys = ("base", "donors", "data", "out", "samples", "seed", "backend", "actors", "donors_per_call", "ray_address")
+    keys = ("base", "donors", "data", "out", "samples", "seed", "backend", "actors", "donors_per_call", "ray_address",
+            "strategy")
     cfg = build_config(ScoreConfig, args.config, {k: getattr(args, k) for k in keys})
     summary = score(cfg)
     print(
         f"scored {summary.scored}, failed {summary.failed}, already done {summary.skipped_done}, "
         f"actor retries {summary.retries}, {summary.seconds:.1f}s -> {summary.out / 'scores.parquet'}"
     )
+    for r in summary.rounds:
+        print(f"  cascade round {r['round']}: {r['scored']} donors on {r['examples']} examples, kept {r['kept']}"
+              + (" (final)" if r["final"] else ""))
     for donor, reason in sorted(summary.failures.items()):
         print(f"  failed {donor}: {reason}")
     return 0

@@ -37,3 +37,17 @@ def test_compaction_keeps_schema_and_dedupes_last_write_wins(tmp_path):
     assert pq.read_schema(tmp_path / SCORES).names == SCHEMA.names
     assert (tmp_path / JOURNAL).read_text() == ""
     assert store.completed("s1") == {"a", "b"} and store.completed("s2") == set()
+
+
+def test_a_store_written_before_a_column_existed_reads_and_compacts(tmp_path):
+    import pyarrow as pa
+
+    old = pa.schema([f for f in SCHEMA if f.name not in ("nll_sq_sum", "nll_tok_sum", "tok_sq_sum")])
+    old_row = {**row("a"), "meta": "{}", "round": 0, "written_at": 1.0}
+    pq.write_table(pa.Table.from_pylist([old_row], schema=old), tmp_path / SCORES)
+    store = ScoreStore(tmp_path, compact_every_s=1e9)
+    store.append([{**row("b"), "nll_sq_sum": 4.0, "nll_tok_sum": 2.0, "tok_sq_sum": 81}])
+    store.compact()
+    df = read_scores(tmp_path).set_index("donor")
+    assert pq.read_schema(tmp_path / SCORES).names == SCHEMA.names
+    assert df.loc["a"].isna()["nll_sq_sum"] and df.loc["b", "tok_sq_sum"] == 81 and df.loc["a", "n_tokens"] == 9

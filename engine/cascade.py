@@ -1,0 +1,223 @@
+"""Cascade (successive-halving) scoring: every donor on a small slice, only the plausible best on the full sample.
+
+Round r scores the survivors on examples [nᵣ₋₁, nᵣ) of a seeded shuffle of the sample and records, per donor, its
+statistics over the whole prefix [0, nᵣ): earlier rounds' sums plus this increment, so no example is scored twice
+for a donor. A prefix row has `sample_id = "<sample>@<nᵣ>"` and `round = r`; the final round covers the whole
+sample and so carries the plain sample id, exactly as an exhaustive row does, which is what selection ranks on.
+
+After a round that is not the last, donors are ranked on their prefix loss. The cut-off is the m-th best loss,
+m = max(min_survivors, ⌈keep_fraction · survivors⌉); a donor survives if its loss is within z standard errors
+(the standard error of the difference to the cut-off donor, from per-example moments) of the cut-off. The next
+prefix is `growth` times longer, or the whole sample once no more than `min_survivors` are left.
+
+Resume: a round's `ok` rows are never rescored, and the survivors of each round are recomputed from the stored
+rows, so a rerun after a kill carries on where the cascade stopped. The base model's final-round row is written
+last: its presence marks a finished cascade.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from pydantic import Field
+
+from engine.config import StrictModel
+
+log = logging.getLogger("mashup.score")
+
+BASE = "__base__"
+PARTIAL = "@"  # "<sample>@<n>": a row covering only the first n examples of the cascade's order
+SUMS = ("nll_sq_sum", "nll_tok_sum", "tok_sq_sum")
+SUMMARY = "cascade.json"
+
+
+class CascadeConfig(StrictModel):
+    """The `cascade:` section of a score config; used only with `strategy: cascade`."""
+
+    first_slice: int = Field(16, ge=2, description="examples every donor is scored on in round 0")
+    keep_fraction: float = Field(0.25, gt=0, le=1, description="share of a round's donors kept before the margin")
+    z: float = Field(2.0, ge=0, description="safety margin: keep donors within z standard errors of the cut-off")
+    growth: float = Field(2.0, gt=1, description="each round's prefix is this many times longer than the last")
+    min_survivors: int = Field(8, ge=1, description="never prune below this many donors; set it ≥ the k you select")
+    stop_after_round: int | None = Field(
+        None, ge=0, description="stop after this round without finishing (a staged run); rerun without it to finish"
+    )
+
+
+@dataclass
+class RoundStats:
+    """One donor's prefix statistics; sums so that rounds add exactly."""
+
+    nll: float = 0.0
+    correct: float = 0.0
+    tokens: int = 0
+    examples: int = 0
+    nll_sq: float = 0.0
+    nll_tok: float = 0.0
+    tok_sq: float = 0.0
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "RoundStats":
+        tokens = int(row["n_tokens"])
+        return cls(row["loss"] * tokens, row["token_accuracy"] * tokens, tokens, int(row["n_examples"]),
+                   *(float(row.get(c) or 0.0) for c in SUMS))
+
+    def __add__(self, other: "RoundStats") -> "RoundStats":
+        return RoundStats(*(a + b for a, b in zip(vars(self).values(), vars(other).values())))
+
+    @property
+    def loss(self) -> float:
+        return self.nll / self.tokens if self.tokens else math.nan
+
+    @property
+    def stderr(self) -> float:
+        """Delta-method standard error of the token-weighted loss Σnllᵢ / Σtokᵢ over the examples scored."""
+        n = self.examples
+        if n < 2 or not self.tokens:
+            return math.inf
+        resid = self.nll_sq - 2 * self.loss * self.nll_tok + self.loss ** 2 * self.tok_sq
+        return math.sqrt(max(resid, 0.0) * n / (n - 1)) / self.tokens
+
+    def row_fields(self) -> dict[str, Any]:
+        return {"loss": self.loss, "token_accuracy": self.correct / self.tokens if self.tokens else math.nan,
+                "n_tokens": self.tokens, "n_examples": self.examples, "nll_sq_sum": self.nll_sq,
+                "nll_tok_sum": self.nll_tok, "tok_sq_sum": int(self.tok_sq)}
+
+
+def prefix_id(sample_id: str, n: int, total: int) -> str:
+    """The sample id of a prefix row: the plain id once the prefix is the whole sample."""
+    return sample_id if n >= total else f"{sample_id}{PARTIAL}{n}"
+
+
+def is_partial(sample_id: object) -> bool:
+    return isinstance(sample_id, str) and PARTIAL in sample_id
+
+
+def next_size(n: int, survivors: int, total: int, cfg: CascadeConfig) -> int:
+    """Grow the prefix; jump to the whole sample once pruning can remove nobody."""
+    if survivors <= cfg.min_survivors:
+        return total
+    return min(total, max(n + 1, math.ceil(n * cfg.growth)))
+
+
+def prune(stats: dict[str, RoundStats], cfg: CascadeConfig) -> tuple[list[str], float | None]:
+    """Survivors (best first) and the cut-off loss; keeps every donor within the z-margin of the m-th best."""
+    ranked = sorted(stats, key=lambda d: (stats[d].loss, d))
+    m = max(cfg.min_survivors, math.ceil(cfg.keep_fraction * len(ranked)))
+    if len(ranked) <= m:
+        return ranked, None
+    cut = stats[ranked[m - 1]]
+    keep = [d for d in ranked if stats[d].loss <= cut.loss + cfg.z * math.hypot(stats[d].stderr, cut.stderr)]
+    return keep, cut.loss
+
+
+class RoundWriter:
+    """Stands in for the store during one round: turns increment rows into prefix rows, holds back `held` donors."""
+
+    def __init__(self, store, round_: int, sample_id: str, before: dict[str, RoundStats], held: Iterable[str] = ()):
+        self.store, self.round, self.sample_id, self.before = store, round_, sample_id, before
+        self.held_ids, self.held = set(held), []
+
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        out = []
+        for row in rows:
+            row = {**row, "round": self.round, "sample_id": self.sample_id}
+            if row["status"] == "ok":
+                row.update((RoundStats.from_row(row) + self.before.get(row["donor"], RoundStats())).row_fields())
+            (self.held if row["donor"] in self.held_ids else out).append(row)
+        self.store.append(out)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)  # everything else (the folder, reads) is the store's
+
+    def flush(self) -> None:
+        self.store.append(self.held)
+        self.held = []
+
+
+def ok_stats(store, sample_id: str, round_: int, donors: Iterable[str]) -> dict[str, RoundStats]:
+    """Prefix statistics of the given donors' `ok` rows of one round."""
+    df = store.read()
+    df = df[(df.status == "ok") & (df.sample_id == sample_id) & (df["round"] == round_) & df.donor.isin(set(donors))]
+    return {r["donor"]: RoundStats.from_row(r) for r in df.to_dict("records")}
+
+
+def moved_donors(catalog, store, sample_id: str) -> set[str]:
+    """Hub donors whose pinned commit moved since any round scored them: every round of theirs is scored again."""
+    from engine.catalog import moved_revisions
+
+    rows = store.read()
+    rows = rows.assign(sample_id=rows.sample_id.map(lambda s: s.split(PARTIAL)[0] if isinstance(s, str) else s))
+    return set(moved_revisions(catalog, rows, sample_id))
+
+
+def cascade_order(sample, seed: int):
+    """The sample in a seeded random order, so that every prefix is a uniform subsample of it."""
+    from engine.data import EncodedSample
+
+    order = list(range(len(sample.examples)))
+    random.Random(f"cascade:{seed}").shuffle(order)
+    return EncodedSample([sample.examples[i] for i in order], sample.fingerprint)
+
+
+def run_cascade(cfg, opts, sample, catalog, store, summary) -> None:
+    """Score `catalog` by successive halving; rows go to `store`, per-round figures to summary.rounds and
+    `<out>/cascade.json`."""
+    from engine.atomic import atomic_write_text
+    from engine.data import EncodedSample
+    from engine.scoring_pool import ActorPoolRunner
+
+    cc: CascadeConfig = cfg.cascade
+    ordered = cascade_order(sample, cfg.seed)
+    total = len(ordered.examples)
+    if cc.first_slice >= total:
+        log.warning("cascade.first_slice (%d) covers the whole sample (%d examples): one exhaustive round",
+                    cc.first_slice, total)
+    entries = {e.donor: e for e in catalog}
+    ids = {e.donor: i + 1 for i, e in enumerate(catalog)}
+    survivors, before = list(entries), {}
+    prev_n, n, round_ = 0, min(cc.first_slice, total), 0
+    record = {"sample_id": sample.fingerprint, "examples": total, "donors": len(entries),
+              "config": cc.model_dump(), "rounds": [], "finished": False}
+    moved = moved_donors(catalog, store, sample.fingerprint)
+    runner = ActorPoolRunner(cfg, opts.model_dump(), ordered, store)
+    try:
+        while True:
+            sid, final = prefix_id(sample.fingerprint, n, total), n >= total
+            done = store.completed(sid, round_) - moved
+            pending = [entries[d] for d in survivors if d not in done]
+            with_base = BASE not in done
+            summary.skipped_done += len(survivors) - len(pending)
+            log.info("cascade round %d: %d donors on examples %d-%d (%d already scored)",
+                     round_, len(survivors), prev_n, n, len(survivors) - len(pending))
+            t0 = time.perf_counter()
+            if pending or with_base:
+                runner.sample = EncodedSample(ordered.examples[prev_n:n], sid)
+                runner.store = RoundWriter(store, round_, sid, before, held=[BASE] if final else [])
+                runner.run(pending, with_base, summary, ids=ids, keep_actors=True)
+                runner.store.flush()
+                summary.donor_examples += len(pending) * (n - prev_n)
+            stats = ok_stats(store, sid, round_, [*survivors, BASE])
+            base = stats.pop(BASE, None)
+            kept, cutoff = (sorted(stats, key=lambda d: (stats[d].loss, d)), None) if final else prune(stats, cc)
+            record["rounds"].append({"round": round_, "examples": n, "slice": [prev_n, n], "sample_id": sid,
+                                     "scored": len(stats), "kept": len(kept), "cutoff_loss": cutoff, "final": final,
+                                     "donor_examples": len(stats) * (n - prev_n),
+                                     "seconds": round(time.perf_counter() - t0, 3)})
+            record["finished"] = final
+            atomic_write_text(Path(cfg.out) / SUMMARY, json.dumps(record, indent=2) + "\n")
+            if final or (cc.stop_after_round is not None and round_ >= cc.stop_after_round):
+                break
+            survivors, before = kept, {**stats, **({BASE: base} if base else {})}
+            prev_n, n, round_ = n, next_size(n, len(kept), total, cc), round_ + 1
+    finally:
+        runner.close()
+    summary.rounds = record["rounds"]
+    if not record["finished"]:
+        log.warning("cascade stopped after round %d (cascade.stop_after_round); rerun without it to finish", round_)
