@@ -2,6 +2,10 @@
 
 Ray Train creates the process group; `deepspeed.initialize` inside each worker reuses it. Rank 0 writes the outputs
 straight into `cfg.out`, so on a multi-node cluster `out` must be on storage that every node shares.
+
+The per-worker body (`run_worker`) does not need Ray: `python -m engine.finetune.deepspeed_ray CONFIG.json`, under
+`torchrun` or with the plain torch.distributed variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT),
+runs the same loop in a process group it creates itself (see `torchrun_main`).
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from typing import Any
 
 import torch
 
-from engine.errors import MashupError
+from engine.errors import ConfigError, MashupError
 from engine.finetune.common import (
     apply_deepspeed_env,
     build_model,
@@ -68,19 +72,14 @@ class DeepSpeedStepper:
         return float(self.engine.get_lr()[0])
 
 
-def train_worker(loop_config: dict[str, Any]) -> None:
-    """Runs in every Ray Train worker process."""
-    cfg = FinetuneConfig.model_validate(loop_config["config"])
+def run_worker(cfg: FinetuneConfig, rank: int, world_size: int, device: torch.device | None = None) -> None:
+    """One worker's whole run, in a process group that already exists (Ray Train's, or `torchrun_main`'s)."""
     apply_deepspeed_env(cfg.deepspeed.use_gpu)
     import deepspeed
-    import ray.train
-    import ray.train.torch
     import torch.distributed as dist
 
-    ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    if cfg.deepspeed.use_gpu:
-        torch.cuda.set_device(ray.train.torch.get_device())
+    if cfg.deepspeed.use_gpu and device is not None:
+        torch.cuda.set_device(device)
     tokenizer = load_tokenizer(cfg)
     model = build_model(cfg, torch.float32)
     data = load_task(cfg, tokenizer, max_length_of(model))
@@ -97,6 +96,53 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     train(cfg, DeepSpeedStepper(engine), tokenizer, data, rank, world_size, all_sum)
     dist.barrier()
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Runs in every Ray Train worker process."""
+    cfg = FinetuneConfig.model_validate(loop_config["config"])
+    apply_deepspeed_env(cfg.deepspeed.use_gpu)
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device() if cfg.deepspeed.use_gpu else None
+    run_worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), device)
+
+
+def torchrun_main(argv: list[str] | None = None) -> None:
+    """`torchrun --nproc_per_node=N -m engine.finetune.deepspeed_ray CONFIG.json`, without Ray.
+
+    CONFIG.json is a FinetuneConfig (executor "deepspeed", `deepspeed.num_workers` equal to WORLD_SIZE). Rank 0
+    runs the same pre-flight checks as `finetune()` (data, init adapter, out folder) before any worker trains.
+    """
+    import sys
+
+    import torch.distributed as dist
+
+    from engine.finetune.api import _preflight
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit("usage: torchrun --nproc_per_node=N -m engine.finetune.deepspeed_ray CONFIG.json")
+    with open(args[0], encoding="utf-8") as fh:
+        cfg = FinetuneConfig.model_validate_json(fh.read()).resolved()
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if cfg.world_size != world_size:
+        raise ConfigError(f"deepspeed.num_workers is {cfg.world_size} but WORLD_SIZE is {world_size}")
+    use_gpu = cfg.deepspeed.use_gpu
+    device = torch.device("cuda", local_rank) if use_gpu else None
+    if device is not None:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_gpu else "gloo", device_id=device)
+    try:
+        if rank == 0:
+            _preflight(cfg)
+        dist.barrier()
+        run_worker(cfg, rank, world_size, device)
+    finally:
+        dist.destroy_process_group()
 
 
 def run_deepspeed(cfg: FinetuneConfig) -> None:
@@ -144,3 +190,7 @@ def _find_user_error(exc: BaseException) -> MashupError | None:
         stack.extend(getattr(e, "worker_failures", {}).values())
         stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
     return None
+
+
+if __name__ == "__main__":
+    torchrun_main()

@@ -36,6 +36,41 @@ def test_mixed_batch_matches_independent_peft(backend, base_dir, sample, request
         assert s.n_tokens == sample.n_tokens and s.n_examples == len(sample.examples)
 
 
+def test_donor_grouped_passes_match_independent_peft(base_dir, sample, requests, monkeypatch):
+    """A sample of at least batch_tokens tokens per donor runs one active adapter per forward pass (no
+    adapter_names: PEFT's mixed path syncs the GPU per adapter and layer); the scores are the same."""
+    backend = HFBackend(str(base_dir), HFOptions(max_resident=8, batch_tokens=64))
+    assert sum(len(e.input_ids) for e in sample.examples) >= 64
+    scores = backend.score([BASE_REQUEST, *requests], sample)
+    for req, s in zip([None, *requests], scores):
+        loss, acc = reference_loss(base_dir, req.path if req else None, sample)
+        assert s.error is None
+        assert abs(s.loss - loss) < 1e-5, (s.donor, s.loss, loss)
+        assert abs(s.token_accuracy - acc) < 1e-9
+
+    calls = []
+    original = type(backend.peft).set_adapter
+
+    def spy(self, name, *args, **kwargs):
+        calls.append(name)
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(type(backend.peft), "set_adapter", spy)
+    again = backend.score(requests[:2], sample)
+    assert calls == [backend._forward_name[backend.adapter_name(r)] for r in requests[:2]], "one switch per donor"
+    assert [a.loss for a in again] == pytest.approx([s.loss for s in scores[1:3]], abs=1e-6)
+
+
+def test_bf16_slots_hold_the_model_dtype(base_dir, sample, requests):
+    """In bf16 the slots are bf16 too (PEFT would keep float32 adapters and upcast every LoRA input)."""
+    backend = HFBackend(str(base_dir), HFOptions(dtype="bfloat16", max_resident=4))
+    scores = backend.score(requests[:2], sample)
+    assert {p.dtype for n, p in backend.peft.named_parameters() if "lora_" in n} == {torch.bfloat16}
+    for req, s in zip(requests[:2], scores):
+        loss, _ = reference_loss(base_dir, req.path, sample)
+        assert s.error is None and abs(s.loss - loss) < 5e-2, (s.donor, s.loss, loss)
+
+
 def test_mixed_batch_equals_one_donor_at_a_time(base_dir, sample, requests):
     mixed = HFBackend(str(base_dir), HFOptions(max_resident=8, batch_tokens=512)).score(requests, sample)
     alone = HFBackend(str(base_dir), HFOptions(max_resident=2, mixed_batch=False))

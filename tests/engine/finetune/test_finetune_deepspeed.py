@@ -54,6 +54,32 @@ def test_world_size_1_reproduces_the_single_process_losses(ray_train, config_for
     )
 
 
+def test_torchrun_without_ray_reproduces_the_single_process_losses(config_for, single_run, tmp_path):
+    """The same worker body without Ray Train: `torchrun -m engine.finetune.deepspeed_ray CONFIG.json` (gloo here;
+    NCCL on a GPU, see docs/gpu.md)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from engine.finetune.outputs import read_log
+
+    cfg = config_for("torchrun1", executor="deepspeed", deepspeed={"num_workers": 1, "zero_stage": 2})
+    path = tmp_path / "config.json"
+    path.write_text(cfg.model_dump_json())
+    repo = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+           "-m", "engine.finetune.deepspeed_ray", str(path)]
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_log(cfg.out_path)
+    assert [r["loss"] for r in rows if r["event"] == "train"] == pytest.approx(
+        single_run.train_losses(), abs=SAME_WORLD_TOL)
+    assert [r["loss"] for r in rows if r["event"] == "eval"] == pytest.approx(
+        [e["loss"] for e in single_run.evals()], abs=SAME_WORLD_TOL)
+    assert (cfg.out_path / "adapter" / "adapter_config.json").is_file()
+
+
 def test_two_workers_zero2_train_and_their_checkpoints_reload(
     ray_train, config_for, single_run, base_dir, tokenizer, eval_file
 ):
