@@ -82,8 +82,17 @@ class BenchConfig(StrictModel):
             train=task / "train.jsonl", val=task / "val.jsonl", eval=task / "eval.jsonl",
             score={**self.score, **({"ray_address": self.ray_address} if self.ray_address else {})},
             select=self.select, merge=self.merge, finetune={"progress": False, **self.finetune},
-            arms=self.arms, baseline=self.baseline, sweep=self.sweep,
+            arms=[self._arm_for(arm, target) for arm in self.arms], baseline=self.baseline, sweep=self.sweep,
         )
+
+    def _arm_for(self, arm: ArmSpec, target: str) -> ArmSpec:
+        """random-k draws a different seed per target (its seed + the target's index in the world): one shared seed would
+        pick nearly the same donors from the nearly identical leave-one-out pools."""
+        if {**self.select, **arm.select}.get("strategy") != "random-k":
+            return arm
+        world_targets = json.loads((self.world_path / "world.json").read_text())["spec"]["targets"]
+        seed = {**self.select, **arm.select}.get("seed", 0) + world_targets.index(target)
+        return arm.model_copy(update={"select": {**arm.select, "seed": seed}})
 
 
 def ensure_world(cfg: BenchConfig) -> Path:

@@ -57,6 +57,16 @@ def rows() -> list[str]:
                    f"{sizes[hi]['ours']['peak_rss_mb'] / sizes[lo]['ours']['peak_rss_mb']:.3f}×** | {m.get('date', '—')} |")
         out.append("| merge throughput vs a plain safetensors read | same | " + ", ".join(
             f"{x['throughput_vs_read']:.2f}× (N={n})" for n, x in sorted(sizes.items())) + f" | {m.get('date', '—')} |")
+    g = _load("gpu.json")
+    if g:
+        t = g["parts"]["throughput"]
+        best = max((h for h in t["hf"] if h["variant"] == "new"), key=lambda h: h["ratio_vs_naive"])
+        w = t["world"]
+        out.append(f"| GPU scoring, `hf` backend vs the naive PEFT loop ({g['device']['name']}, {w['dtype']}, "
+                   f"{w['params_total_M']:.0f}M-param random Llama, {w['donors']} r16 donors, {w['examples']} examples) | "
+                   f"`python -m bench.bench_gpu` on the lent GPU (docs/gpu.md) | **{best['ratio_vs_naive']:.2f}×** "
+                   f"({best['donors_per_s']:.2f} vs {t['naive_peft']['donors_per_s']:.2f} donors/s); FLOP efficiency "
+                   f"**{best['efficiency_vs_same_shape_matmul']:.2f}** of a same-shape bf16 matmul | {g['date']} |")
     return out
 
 
