@@ -63,7 +63,7 @@ def test_cascade_finds_the_exhaustive_top_k_for_less_compute(exhaustive, cascade
     final = rows[rows.sample_id == full_id]
     assert set(top(ex, 3)) <= set(final.donor), "a true top-3 donor was pruned"
     assert [d.donor for d in select(cfg.out, k=3).donors] == top(ex, 3)
-    both = final.set_index("donor").join(ex.set_index("donor"), rsuffix="_ex")
+    both = final.merge(ex, on="donor", suffixes=("", "_ex"))
     assert (both.loss - both.loss_ex).abs().max() < 1e-6, "prefix sums must equal the full-sample loss"
     assert (both.n_tokens == both.n_tokens_ex).all() and (both.nll_sq_sum - both.nll_sq_sum_ex).abs().max() < 1e-6
     assert summary.donor_examples < 0.6 * ex_summary.donor_examples
