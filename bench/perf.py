@@ -18,6 +18,7 @@ RESULTS = Path("bench/results")
 BENCHES = {
     "scoring": ([sys.executable, "-m", "bench.bench_scoring"], "scoring.json"),
     "merge": ([sys.executable, "-m", "bench.bench_merge"], "merge.json"),
+    "scale": ([sys.executable, "-m", "bench.bench_scale"], "scale.json"),
     "backends": ([".venv-vllm/bin/python", "-m", "bench.bench_backends"], "backends_cpu.json"),
 }
 
@@ -57,6 +58,18 @@ def rows() -> list[str]:
                    f"{sizes[hi]['ours']['peak_rss_mb'] / sizes[lo]['ours']['peak_rss_mb']:.3f}×** | {m.get('date', '—')} |")
         out.append("| merge throughput vs a plain safetensors read | same | " + ", ".join(
             f"{x['throughput_vs_read']:.2f}× (N={n})" for n, x in sorted(sizes.items())) + f" | {m.get('date', '—')} |")
+    c = _load("scale.json")
+    if c:
+        n, w = c["world"]["pool"], c["world"]
+        k2 = c["exhaustive_vs_cascade"]["k=2"]
+        out.append(f"| cascade vs exhaustive scoring, {n} synthetic donors ({w['samples']} examples): top-2 recall, "
+                   f"compute (donor × example pairs) | `python -m bench.bench_scale` | recall **{k2['recall']:.2f}** at "
+                   f"**{100 * k2['compute_fraction']:.1f}%** of the compute, {100 * k2['wall_clock_fraction']:.0f}% of the "
+                   f"wall-clock | {c['date'][:10]} |")
+        g_ = c["growth_ratios"]
+        out.append(f"| pool growth {min(map(int, c['scaling']))} → {max(map(int, c['scaling']))} donors (cascade): "
+                   f"wall-clock, driver peak RSS | same | {g_['cascade_seconds']:.2f}× the time for {g_['pool']:.0f}× the "
+                   f"donors; RSS {g_['cascade_rss_peak']:.3f}× | {c['date'][:10]} |")
     g = _load("gpu.json")
     if g:
         t = g["parts"]["throughput"]

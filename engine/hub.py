@@ -16,6 +16,7 @@ from typing import Sequence
 
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "*.bin"]
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+TOKENIZER_FILES = ["*.json", "*.model", "*.txt", "*.jinja"]
 COMMIT = re.compile(r"[0-9a-f]{40}")
 
 

@@ -138,7 +138,10 @@ def render(cfg, data: dict[str, Any], plots: list[Path]) -> str:
            f"validation `{cfg.val}`, held-out `{cfg.eval}`.", "", "## Verdict", "", *verdict(data), ""]
     scores = data["scores"]
     if scores is not None and len(scores):
-        ok = scores[scores.status == "ok"]
+        from engine.selection import full_sample_rows
+
+        ok = full_sample_rows(scores)[0]
+        ok = ok[ok.status == "ok"]
         base = ok[ok.donor == "__base__"]
         out += ["## Scoring", "", f"{len(ok) - len(base)} donors scored, {int((scores.status == 'failed').sum())} failed; "
                 f"base loss {_fmt(float(base.loss.iloc[0]) if len(base) else None)} nats/token.", ""]

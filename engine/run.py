@@ -108,14 +108,26 @@ class RunConfig(StrictModel):
         for path in (self.train, self.val, self.eval):
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"data file not found: {path}")
-        self.score_config()
+        score = self.score_config()
         for arm in self.arms:
             if arm.init == "merge":
-                self.select_config(arm)
+                self._check_cascade(score, arm, self.select_config(arm))
                 self.merge_config(arm)
             for lr in self.lrs():
                 self.finetune_config(arm, lr, self.sweep.seeds[0])
         self.check_data()
+
+    @staticmethod
+    def _check_cascade(score, arm: ArmSpec, select) -> None:
+        """A cascade leaves full-sample losses for its survivors only: say so before scoring, not after."""
+        if score.strategy != "cascade":
+            return
+        if select.strategy != "top-k":
+            raise ConfigError(f"arms.{arm.name}: strategy {select.strategy!r} needs every donor's full-sample loss; "
+                              "use score.strategy: exhaustive for ablations")
+        if select.k > score.cascade.min_survivors:
+            raise ConfigError(f"arms.{arm.name}: select.k ({select.k}) exceeds score.cascade.min_survivors "
+                              f"({score.cascade.min_survivors}); the cascade would not keep enough donors")
 
     def check_data(self) -> None:
         """Parse and tokenize every data file now: a bad val or eval file must not surface after scoring and merging."""

@@ -98,9 +98,9 @@ def prepare_sample(cfg: ScoreConfig):
     from transformers import AutoConfig, AutoTokenizer
 
     from engine.data import encode_sample, load_jsonl, sample_examples
-    from engine.hub import resolve_base
+    from engine.hub import TOKENIZER_FILES, resolve_base
 
-    base = resolve_base(cfg.base)
+    base = resolve_base(cfg.base, TOKENIZER_FILES)  # the driver needs the tokenizer, never the weights
     trust = cfg.backend_opts().trust_remote_code
     tok = AutoTokenizer.from_pretrained(base, trust_remote_code=trust)
     model_cfg = AutoConfig.from_pretrained(base, trust_remote_code=trust)

@@ -81,3 +81,22 @@ def test_bad_section_is_named_before_any_work(tmp_path, run_config, capsys):
     assert main(["run", "--config", str(bad)]) == 2
     assert "finetune: stepz: unknown key" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("arm, message", [
+    ({"name": "rand", "select": {"strategy": "random-k"}}, "arms.rand: strategy 'random-k' needs every donor"),
+    ({"name": "wide", "select": {"k": 9}}, r"arms.wide: select.k \(9\) exceeds score.cascade.min_survivors \(8\)"),
+])
+def test_cascade_conflicts_are_named_before_scoring(tmp_path, run_config, capsys, arm, message):
+    import re
+
+    path, _ = run_config
+    cfg = yaml.safe_load(path.read_text())
+    cfg["score"]["strategy"] = "cascade"
+    cfg["arms"] = [arm, {"name": "scratch", "init": "none"}]
+    cfg["out"] = str(tmp_path / "never")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    assert main(["run", "--config", str(bad)]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "never").exists()
