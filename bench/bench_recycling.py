@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 import yaml
 
 from engine.config import StrictModel, load_yaml, validate
 from engine.errors import ConfigError
-from engine.run import ArmSpec, RunConfig, SweepSpec, pending_runs, prepare, run_name
+from engine.run import Arms, ArmSpec, RunConfig, SweepSpec, pending_runs, prepare, run_name
 
 log = logging.getLogger("mashup.bench")
 
@@ -46,21 +46,13 @@ class BenchConfig(StrictModel):
     select: dict[str, Any] = Field(default_factory=lambda: {"k": 2})
     merge: dict[str, Any] = Field(default_factory=dict)
     finetune: dict[str, Any] = Field(default_factory=dict)
-    arms: list[ArmSpec] = Field(min_length=1)
+    arms: Arms
     baseline: str = "scratch"
     sweep: SweepSpec = Field(default_factory=SweepSpec)
     tune: TuneSettings = Field(default_factory=TuneSettings)
     results: Path = Field(Path("bench/results/recycling.json"), description="summary JSON; .md and _curves.png beside it")
     ray_address: str | None = None
     readme: bool = Field(False, description="rewrite README's benchmark block from these results")
-
-    @field_validator("arms")
-    @classmethod
-    def _unique(cls, arms: list[ArmSpec]) -> list[ArmSpec]:
-        names = [a.name for a in arms]
-        if len(set(names)) != len(names):
-            raise ValueError(f"arm names must be unique, got {names}")
-        return arms
 
     @property
     def world_path(self) -> Path:

@@ -11,9 +11,9 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field
 
 from engine.atomic import atomic_write_text
 from engine.config import StrictModel, format_validation_error
@@ -34,6 +34,16 @@ class SweepSpec(StrictModel):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
 
 
+def _unique_names(arms: list[ArmSpec]) -> list[ArmSpec]:
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names):
+        raise ValueError(f"arm names must be unique, got {names}")
+    return arms
+
+
+Arms = Annotated[list[ArmSpec], Field(min_length=1), AfterValidator(_unique_names)]
+
+
 class RunConfig(StrictModel):
     out: Path
     base: str
@@ -45,19 +55,9 @@ class RunConfig(StrictModel):
     select: dict[str, Any] = Field(default_factory=lambda: {"k": 2})
     merge: dict[str, Any] = Field(default_factory=dict)
     finetune: dict[str, Any] = Field(default_factory=dict)
-    arms: list[ArmSpec] = Field(
-        default_factory=lambda: [ArmSpec(name="mashup"), ArmSpec(name="scratch", init="none")], min_length=1
-    )
+    arms: Arms = Field(default_factory=lambda: [ArmSpec(name="mashup"), ArmSpec(name="scratch", init="none")])
     baseline: str = "scratch"
     sweep: SweepSpec = Field(default_factory=SweepSpec)
-
-    @field_validator("arms")
-    @classmethod
-    def _unique(cls, arms: list[ArmSpec]) -> list[ArmSpec]:
-        names = [a.name for a in arms]
-        if len(set(names)) != len(names):
-            raise ValueError(f"arm names must be unique, got {names}")
-        return arms
 
     def stage(self, section: str, model_cls, fixed: dict[str, Any], extra: dict[str, Any] | None = None):
         """Validate one stage's section with the run's own values filled in; errors name `section.field`."""
