@@ -83,15 +83,16 @@ def test_donors_that_crash_the_backend_are_isolated_and_the_rest_rescored(
     from engine.testing import peft_reference_loss
     from transformers import AutoTokenizer
 
-    # Calls: [base, donor1, donor3] [donor5, norm_saver, donor2] [donor4, bad_target_type]
+    # Calls: [base, donor1, donor3] [donor5, norm_saver, donor2] [donor4, bad_target_type]. norm_saver
+    # (modules_to_save) breaks PEFT's mixed-adapter path; a pass with one active adapter scores it, now exactly.
     summary, df = run_job(tmp_path, [pool_dir / "qv", faults / "norm_saver", pool_dir / "qkvo", faults / "bad_target_type"],
                           task_file, base_dir, samples=6, actors=1, donors_per_call=3)
     rows = df.set_index("donor")
-    assert "Mixed batching is only supported" in rows.loc["norm_saver", "error"]
     assert "TypeError" in rows.loc["bad_target_type", "error"]
-    good = rows.drop(index=["norm_saver", "bad_target_type"])
-    assert len(good) == 6 and (good.status == "ok").all(), good.error.to_dict()
-    assert summary.scored == 6 and summary.failed == 2
+    good = rows.drop(index=["bad_target_type"])
+    assert len(good) == 7 and (good.status == "ok").all(), good.error.to_dict()
+    assert summary.scored == 7 and summary.failed == 1
     sample = encode_sample(AutoTokenizer.from_pretrained(str(base_dir)), sample_examples(load_jsonl(task_file), 6, 0))
-    loss, _ = peft_reference_loss(base_dir, pool_dir / "qv" / "donor5", sample)
-    assert abs(rows.loc["donor5", "loss"] - loss) < 1e-5, "a donor rescored after the crash lost its fidelity"
+    for donor, folder in (("donor5", pool_dir / "qv" / "donor5"), ("norm_saver", faults / "norm_saver")):
+        loss, _ = peft_reference_loss(base_dir, folder, sample)
+        assert abs(rows.loc[donor, "loss"] - loss) < 1e-5, f"{donor} lost its fidelity"
