@@ -154,6 +154,10 @@ def check(score, ref, hf=None):
     assert abs(score.token_accuracy - acc) < TOL, (score.donor, score.token_accuracy, acc)
     if hf is not None:
         assert abs(score.loss - hf.loss) < TOL and abs(score.token_accuracy - hf.token_accuracy) < TOL
+        assert score.tok_sq_sum == hf.tok_sq_sum, "per-example token counts differ"  # the cascade's moments
+        for moment in ("nll_sq_sum", "nll_tok_sum"):
+            a, b = getattr(score, moment), getattr(hf, moment)
+            assert abs(a - b) <= TOL * max(1.0, abs(b)), (score.donor, moment, a, b)
 
 
 @pytest.mark.vllm
