@@ -120,14 +120,14 @@ def prune(stats: dict[str, RoundStats], cfg: CascadeConfig) -> tuple[list[str], 
 class RoundWriter:
     """Stands in for the store during one round: turns increment rows into prefix rows, holds back `held` donors."""
 
-    def __init__(self, store, round_: int, sample_id: str, before: dict[str, RoundStats], held: Iterable[str] = ()):
-        self.store, self.round, self.sample_id, self.before = store, round_, sample_id, before
+    def __init__(self, store, before: dict[str, RoundStats], held: Iterable[str] = ()):
+        self.store, self.before = store, before
         self.held_ids, self.held = set(held), []
 
     def append(self, rows: list[dict[str, Any]]) -> None:
         out = []
         for row in rows:
-            row = {**row, "round": self.round, "sample_id": self.sample_id}
+            row = dict(row)
             if row["status"] == "ok":
                 row.update((RoundStats.from_row(row) + self.before.get(row["donor"], RoundStats())).row_fields())
             (self.held if row["donor"] in self.held_ids else out).append(row)
@@ -198,8 +198,8 @@ def run_cascade(cfg, opts, sample, catalog, store, summary) -> None:
                      round_, len(survivors), prev_n, n, len(survivors) - len(pending))
             t0 = time.perf_counter()
             if pending or with_base:
-                runner.sample = EncodedSample(ordered.examples[prev_n:n], sid)
-                runner.store = RoundWriter(store, round_, sid, before, held=[BASE] if final else [])
+                runner.sample, runner.round = EncodedSample(ordered.examples[prev_n:n], sid), round_
+                runner.store = RoundWriter(store, before, held=[BASE] if final else [])
                 runner.run(pending, with_base, summary, ids=ids, keep_actors=True)
                 runner.store.flush()
                 summary.donor_examples += len(pending) * (n - prev_n)

@@ -57,6 +57,7 @@ class ActorPoolRunner:
         self.start_failures = 0
         self.last_progress = time.monotonic()
         self.nodes: dict[str, str] = {}  # node id -> host of every node that returned rows
+        self.round = 0  # the cascade's round of the rows this runner writes (0: exhaustive)
 
     def _new_actor(self) -> None:
         import ray
@@ -74,7 +75,7 @@ class ActorPoolRunner:
 
     def _rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for row in rows:
-            row.update(backend=row.get("backend") or self.cfg.backend, sample_id=self.sample.fingerprint, round=0)
+            row.update(backend=row.get("backend") or self.cfg.backend, sample_id=self.sample.fingerprint, round=self.round)
         return rows
 
     def _fail(self, batch: Batch, reason: str) -> list[dict[str, Any]]:

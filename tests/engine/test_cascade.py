@@ -89,6 +89,9 @@ def test_rounds_are_recorded_as_nested_prefixes(exhaustive, cascade):
         by_loss = got[got.donor != "__base__"].sort_values(["loss", "donor"]).donor
         survivors = set(by_loss[: r["kept"]])
     assert record["rounds"][0]["scored"] == N_DONORS
+    placed = [json.loads(line) for line in (cfg.out / "placement.jsonl").read_text().splitlines()]
+    assert {(p["donor"], p["sample_id"], p["round"]) for p in placed} == set(
+        zip(rows.donor, rows.sample_id, rows["round"])), "placement.jsonl names each row's own round"
 
 
 def test_moments_match_per_example_peft(cascade, graded_pool, base_dir, tokenizer, task_file):
