@@ -78,11 +78,7 @@ def fetch_all(uris: Sequence[str], concurrency: int) -> dict[str, str | BaseExce
     """Snapshots of many repos, at most `concurrency` downloads in flight: adapters are small, so per-repo round
     trips, not bandwidth, dominate, and a bound keeps a thousand donors from opening a thousand connections."""
     unique = list(dict.fromkeys(uris))
-    if not unique:
-        return {}
-    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(unique))), thread_name_prefix="hub-fetch") as pool:
-        futures = {uri: pool.submit(fetch, uri) for uri in unique}
-    return {uri: (f.exception() or f.result()) for uri, f in futures.items()}
+    return dict(zip(unique, _bounded_map(fetch, unique, concurrency, "hub-fetch")))
 
 
 def resolve_commits(refs: Sequence[HubRef], concurrency: int) -> list[str | BaseException]:
@@ -97,10 +93,15 @@ def resolve_commits(refs: Sequence[HubRef], concurrency: int) -> list[str | Base
     def one(ref: HubRef) -> str:
         return api.resolve_revision(ref.repo_id, revision=ref.revision, local_files_only=local).resolved
 
-    if not refs:
+    return _bounded_map(one, refs, concurrency, "hub-pin")
+
+
+def _bounded_map(fn, items: Sequence, concurrency: int, name: str) -> list:
+    """fn over items with at most `concurrency` threads; each item yields its result or the exception it raised."""
+    if not items:
         return []
-    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(refs))), thread_name_prefix="hub-pin") as pool:
-        futures = [pool.submit(one, ref) for ref in refs]
+    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(items))), thread_name_prefix=name) as pool:
+        futures = [pool.submit(fn, item) for item in items]
     return [f.exception() or f.result() for f in futures]
 
 
