@@ -149,9 +149,9 @@ class HFBackend(Backend):
         fill at least one pass, else several donors per pass; length-sorted either way, so padding stays small."""
         budget = self.options.batch_tokens
         if sum(len(ex.input_ids) for ex in sample.examples) >= budget:
+            order = sorted((len(ex.input_ids), i) for i, ex in enumerate(sample.examples))
             for req in group:
-                rows = sorted((len(ex.input_ids), i, req) for i, ex in enumerate(sample.examples))
-                yield from chunk_by_tokens(rows, lambda row: row[0], budget)
+                yield from chunk_by_tokens([(n, i, req) for n, i in order], lambda row: row[0], budget)
             return
         rows = sorted(
             ((len(ex.input_ids), i, req) for req in group for i, ex in enumerate(sample.examples)),
