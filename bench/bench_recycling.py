@@ -58,12 +58,15 @@ class BenchConfig(StrictModel):
     def world_path(self) -> Path:
         return self.world_dir or Path(".cache/worlds") / self.world
 
+    def world_targets(self) -> list[str]:
+        return json.loads((self.world_path / "world.json").read_text())["spec"]["targets"]
+
     def target_names(self) -> list[str]:
-        spec = json.loads((self.world_path / "world.json").read_text())["spec"]
-        names = self.targets or spec["targets"]
-        unknown = sorted(set(names) - set(spec["targets"]))
+        world = self.world_targets()
+        names = self.targets or world
+        unknown = sorted(set(names) - set(world))
         if unknown:
-            raise ConfigError(f"targets: {unknown} are not targets of world {self.world_path} ({spec['targets']})")
+            raise ConfigError(f"targets: {unknown} are not targets of world {self.world_path} ({world})")
         return names
 
     def run_config(self, target: str) -> RunConfig:
@@ -80,10 +83,10 @@ class BenchConfig(StrictModel):
     def _arm_for(self, arm: ArmSpec, target: str) -> ArmSpec:
         """random-k draws a different seed per target (its seed + the target's index in the world): one shared seed would
         pick nearly the same donors from the nearly identical leave-one-out pools."""
-        if {**self.select, **arm.select}.get("strategy") != "random-k":
+        select = {**self.select, **arm.select}
+        if select.get("strategy") != "random-k":
             return arm
-        world_targets = json.loads((self.world_path / "world.json").read_text())["spec"]["targets"]
-        seed = {**self.select, **arm.select}.get("seed", 0) + world_targets.index(target)
+        seed = select.get("seed", 0) + self.world_targets().index(target)
         return arm.model_copy(update={"select": {**arm.select, "seed": seed}})
 
 
