@@ -36,10 +36,11 @@ def per_target(runs: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def average(data: dict[str, dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
     """One row per arm over all targets; wall-clock is relative to the baseline's time to its own final value."""
     arms = [r["arm"] for r in next(iter(data.values()))["rows"]]
+    base = {t: next(r for r in d["rows"] if r["arm"] == baseline) for t, d in data.items()}
+    base_final = mean_std([r["final"] for r in base.values()])[0]
     out = []
     for arm in arms:
         rows = {t: next(r for r in d["rows"] if r["arm"] == arm) for t, d in data.items()}
-        base = {t: next(r for r in d["rows"] if r["arm"] == baseline) for t, d in data.items()}
         per_seed: dict[int, list[float]] = {}
         for t, d in data.items():
             runs = d["arms"][arm]
@@ -53,7 +54,7 @@ def average(data: dict[str, dict[str, Any]], baseline: str) -> list[dict[str, An
         out.append({
             "arm": arm, "targets": len(rows), "step0": mean_std([r["step0"] for r in rows.values()])[0],
             "final": final_m, "final_std": final_s,
-            "delta_vs_baseline": final_m - mean_std([r["final"] for r in base.values()])[0],
+            "delta_vs_baseline": final_m - base_final,
             "heldout": mean_std(held)[0] if held else None,
             "wins": sum(rows[t]["final"] > base[t]["final"] + 1e-9 for t in rows),
             "parity_reached": len(reached), "parity_pct_mean": sum(reached) / len(reached) if reached else None,
