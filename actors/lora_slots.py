@@ -8,21 +8,18 @@ the output are unchanged) and sets each module's scale alpha/r (or alpha/√r fo
 """
 from __future__ import annotations
 
-import json
-import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from engine.validate import KEY_RE, WEIGHTS
+from engine.adapter import WEIGHTS_FILE, ModuleFactors, open_adapter
 
 
 @dataclass(frozen=True)
 class DonorLayout:
-    modules: dict[str, tuple[int, float]]  # module path → (rank, scale)
+    modules: dict[str, ModuleFactors]  # module path → its keys, rank and PEFT scale
 
     @property
     def suffixes(self) -> set[str]:
@@ -30,27 +27,16 @@ class DonorLayout:
 
     @property
     def max_rank(self) -> int:
-        return max(r for r, _ in self.modules.values())
+        return max(f.rank for f in self.modules.values())
 
 
 def read_layout(folder: str | Path) -> DonorLayout | None:
-    """Ranks and scales per module; None when the donor needs features slots don't model (embeddings, extra weights)."""
-    cfg = json.loads((Path(folder) / "adapter_config.json").read_text())
-    if cfg.get("modules_to_save") or cfg.get("bias", "none") != "none" or cfg.get("use_dora"):
+    """Ranks and scales per module (PEFT's pattern rules, via engine.adapter); None when the donor needs features
+    slots don't model (embedding LoRAs, biases, DoRA, saved modules): PEFT loads those itself."""
+    adapter = open_adapter(str(folder), folder)
+    if not adapter.plain:
         return None
-    ranks: dict[str, int] = {}
-    with safe_open(str(Path(folder) / WEIGHTS), framework="pt") as f:
-        for key in f.keys():
-            m = KEY_RE.match(key)
-            if not m or m["kind"] not in ("lora_A", "lora_B"):
-                return None
-            if m["kind"] == "lora_A":
-                ranks[m["module"]] = f.get_slice(key).get_shape()[0]
-    modules = {}
-    for module, r in ranks.items():
-        alpha = next((v for k, v in (cfg.get("alpha_pattern") or {}).items() if re.search(k, module)), cfg["lora_alpha"])
-        modules[module] = (r, alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r)
-    return DonorLayout(modules)
+    return DonorLayout(dict(adapter.modules))
 
 
 class LoraSlots:
@@ -87,23 +73,26 @@ class LoraSlots:
 
     @torch.no_grad()
     def load(self, key: str, folder: str | Path, layout: DonorLayout) -> str:
+        """Copy a donor into a free slot. Every module of the donor must have a slot layer: a module the slots
+        lack is an error (the caller rebuilds or falls back to PEFT), never a silently missing part of its ΔW."""
+        missing = sorted(set(layout.modules) - set(self.layers))
+        if missing or layout.max_rank > self.rank:
+            raise RuntimeError(f"the LoRA slots do not cover this donor (modules {missing[:3]}, rank "
+                               f"{layout.max_rank} vs {self.rank})")
         if not self.free:
             raise RuntimeError("no free LoRA slot (the LRU should have evicted one)")
         slot = self.free.pop()
-        with safe_open(str(Path(folder) / WEIGHTS), framework="pt") as f:
-            tensors = {}
-            for k in f.keys():
-                m = KEY_RE.match(k)
-                tensors[(m["module"], m["kind"])] = k
+        with safe_open(str(Path(folder) / WEIGHTS_FILE), framework="pt") as f:
             for module, layer in self.layers.items():
                 a, b = layer.lora_A[slot].weight, layer.lora_B[slot].weight
                 a.zero_()
                 b.zero_()
-                if module in layout.modules:
-                    r, scale = layout.modules[module]
-                    a[:r].copy_(f.get_tensor(tensors[(module, "lora_A")]))
-                    b[:, :r].copy_(f.get_tensor(tensors[(module, "lora_B")]))
-                    layer.scaling[slot] = scale
+                factors = layout.modules.get(module)
+                if factors is not None:
+                    r = factors.rank
+                    a[:r].copy_(f.get_tensor(factors.a_key))
+                    b[:, :r].copy_(f.get_tensor(factors.b_key))
+                    layer.scaling[slot] = factors.scale
         self.owner[key] = slot
         return slot
 

@@ -94,6 +94,7 @@ class DonorScorer:
     def _prepare(self, task: ScoreTask, fetched: dict[str, str | BaseException]) -> tuple[DonorRequest, ScoreTask]:
         """The request for one donor, and its task as scored: a Hub donor's path and revision name the commit
         this node's cache actually holds, which is what its row records."""
+        from engine.adapter import fingerprint, stat_signature
         from engine.hub import HubRef, hub_error, snapshot_commit
         from engine.validate import validate_donor
 
@@ -109,6 +110,8 @@ class DonorScorer:
             uri = HubRef(HubRef.parse(entry.path).repo_id, commit).uri
             task = ScoreTask(replace(entry, path=uri, revision=commit), task.int_id)
         validate_donor(entry.donor, folder, self.spec, root=entry.root, **self.validation)
+        # What this row is computed from: the bytes hashed here, next to the files (the driver never reads them).
+        self.identity[entry.donor] = {"donor_sha256": fingerprint(folder), "donor_stat": stat_signature(folder)}
         return DonorRequest(entry.donor, str(folder), task.int_id), task
 
     def score(self, tasks: list[ScoreTask | None], sample: EncodedSample) -> list[dict[str, Any]]:
@@ -119,6 +122,7 @@ class DonorScorer:
         fetched = fetch_all(hub, self.fetch_workers)
         rows: dict[str, dict[str, Any]] = {}
         requests, by_donor = [], {}
+        self.identity: dict[str, dict[str, str | None]] = {}
         for task in tasks:
             if task is None:
                 requests.append(DonorRequest(BASE, "", 0))
@@ -135,7 +139,7 @@ class DonorScorer:
         if hang and hang in by_donor:
             time.sleep(3600)
         for score in self._score_recovering(requests, sample) if requests else []:
-            rows[score.donor] = score_row(by_donor.get(score.donor), score)
+            rows[score.donor] = score_row(by_donor.get(score.donor), score) | self.identity.get(score.donor, {})
         out = [rows[BASE if t is None else t.entry.donor] for t in tasks]
         for row, task in zip(out, tasks):
             row["placement"] = {**self.where, "source": "hub" if task and task.entry.is_hub else "path"}

@@ -8,24 +8,11 @@ score store, selection.json, the merged adapter, finetune adapters and logs, the
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import secrets
 import shutil
 from pathlib import Path
 from typing import Iterator
-
-CHUNK = 1 << 22
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in chunks (weight files can be large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def temp_name(target: Path) -> Path:
     """A fresh hidden sibling of `target`; the PID in the name is how stale temps are recognised."""

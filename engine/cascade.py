@@ -150,11 +150,11 @@ def ok_stats(store, sample_id: str, round_: int, donors: Iterable[str]) -> dict[
 
 def moved_donors(catalog, store, sample_id: str) -> set[str]:
     """Hub donors whose pinned commit moved since any round scored them: every round of theirs is scored again."""
-    from engine.catalog import moved_revisions
+    from engine.catalog import stale_donors
 
     rows = store.read()
     rows = rows.assign(sample_id=rows.sample_id.map(lambda s: s.split(PARTIAL)[0] if isinstance(s, str) else s))
-    return set(moved_revisions(catalog, rows, sample_id))
+    return stale_donors(catalog, rows, sample_id)
 
 
 def cascade_order(sample, seed: int):

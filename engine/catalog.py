@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from engine.adapter import ADAPTER_FILES
 from engine.errors import ConfigError
 
 log = logging.getLogger("mashup.catalog")
 HUB_CONCURRENCY = 8
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass
@@ -37,9 +37,6 @@ def inside(root: str | Path, path: str | Path) -> bool:
     """True when `path`, with symlinks resolved, lies inside `root`."""
     root_r = Path(root).resolve()
     return Path(path).resolve().is_relative_to(root_r)
-
-
-ADAPTER_FILES = (ADAPTER_CONFIG, "adapter_model.safetensors", "adapter_model.bin")
 
 
 def from_directory(root: Path) -> list[DonorEntry]:
@@ -172,3 +169,33 @@ def moved_revisions(entries: Iterable[DonorEntry], rows, sample_id: str) -> dict
         log.warning("%d Hub donors moved to another commit since they were scored; rescoring them: %s", len(moved),
                     ", ".join(f"{d} ({a[:8]} -> {b[:8]})" for d, (a, b) in sorted(moved.items())[:10]))
     return moved
+
+
+def stale_donors(entries: Iterable[DonorEntry], rows, sample_id: str) -> set[str]:
+    """Donors whose `ok` row for this sample no longer describes the files the catalog points at: rescore them.
+
+    A row stays current only when (1) it was scored from the same path, (2) a Hub donor's pinned commit is the
+    same, and (3) a local donor's stat signature (resolved path, sizes, mtimes, inodes; a stat, no read) equals
+    the one the scoring node recorded next to the content fingerprint it hashed. A donor retrained in place, or
+    a manifest id pointed at another folder, is therefore rescored, never matched with its old score. A local
+    donor this machine cannot see (a node-local path) is rescored too. `rows` is the store's frame.
+    """
+    from engine.adapter import stat_signature
+
+    stale = set(moved_revisions(entries, rows, sample_id))
+    ok = rows[(rows.status == "ok") & (rows.sample_id == sample_id)]
+    recorded = {d: (p, s) for d, p, s in zip(ok.donor, ok.path, ok.donor_stat)}
+    changed = []
+    for e in entries:
+        if e.donor not in recorded or e.donor in stale:
+            continue
+        path, stat = recorded[e.donor]
+        if e.is_hub:
+            continue  # a commit is a content address: moved_revisions compares it
+        if path != e.path or not isinstance(stat, str) or stat != stat_signature(e.path):
+            stale.add(e.donor)
+            changed.append(e.donor)
+    if changed:
+        log.warning("%d donors changed since they were scored (path or files); rescoring them: %s", len(changed),
+                    ", ".join(sorted(changed)[:10]))
+    return stale

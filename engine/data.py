@@ -41,6 +41,7 @@ class EncodedSample:
 
     examples: list[Encoded]
     fingerprint: str = field(default="")
+    base_fingerprint: str = field(default="")  # what the base was when the sample id was made (engine.identity)
 
     @property
     def n_tokens(self) -> int:
@@ -110,7 +111,9 @@ def encode_example(tokenizer: Any, prompt: str, completion: str, chat_template: 
         raise DataError("the tokenizer has no EOS token; the completion-loss contract needs one")
     p = encode_prompt(tokenizer, prompt, chat_template)
     c = list(tokenizer(completion, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
-    return Encoded(tuple(p + c), len(p))
+    # An empty prompt with a tokenizer that adds no BOS leaves nothing to predict the first completion token from:
+    # it becomes the context and is not scored (nor trained on), in every backend alike (docs/contracts.md).
+    return Encoded(tuple(p + c), max(len(p), 1))
 
 
 def encode_sample(

@@ -93,8 +93,19 @@ class ScoreSummary:
     rounds: list[dict[str, Any]] = field(default_factory=list)  # the cascade's rounds (cascade.json), else empty
 
 
-def prepare_sample(cfg: ScoreConfig):
-    """Load, sample, tokenize and check the data on the driver (tokenizer only, never the model)."""
+def pin_base(cfg: ScoreConfig) -> tuple[ScoreConfig, str]:
+    """The config with its base pinned (an hf:// branch becomes the commit it points to now), and the base's
+    content fingerprint: every score is keyed by it (engine.identity)."""
+    from engine.identity import base_fingerprint
+
+    pinned, fp = base_fingerprint(cfg.base)
+    return (cfg if pinned == cfg.base else cfg.model_copy(update={"base": pinned})), fp
+
+
+def prepare_sample(cfg: ScoreConfig, base_fp: str):
+    """Load, sample, tokenize and check the data on the driver (tokenizer only, never the model). The sample id
+    hashes the base's fingerprint with the token ids, so a changed base, data file, sampling or template all
+    give a new sample id, and nothing scored for another one is reused."""
     from transformers import AutoConfig, AutoTokenizer
 
     from engine.data import encode_sample, load_jsonl, sample_examples
@@ -105,20 +116,23 @@ def prepare_sample(cfg: ScoreConfig):
     tok = AutoTokenizer.from_pretrained(base, trust_remote_code=trust)
     model_cfg = AutoConfig.from_pretrained(base, trust_remote_code=trust)
     examples = sample_examples(load_jsonl(cfg.data), cfg.samples, cfg.seed)
-    return encode_sample(
-        tok, examples, getattr(model_cfg, "max_position_embeddings", None), cfg.chat_template, str(cfg.data), salt=cfg.base
+    sample = encode_sample(
+        tok, examples, getattr(model_cfg, "max_position_embeddings", None), cfg.chat_template, str(cfg.data), salt=base_fp
     )
+    sample.base_fingerprint = base_fp
+    return sample
 
 
 def score(cfg: ScoreConfig) -> ScoreSummary:
     """Score every donor not already `ok` for this sample (or run the cascade); safe to rerun after any interruption."""
-    from engine.catalog import build_catalog, moved_revisions
+    from engine.catalog import build_catalog, stale_donors
     from engine.scoring_pool import ActorPoolRunner
     from engine.store import ScoreStore
 
     t0 = time.perf_counter()
     opts = cfg.backend_opts()
-    sample = prepare_sample(cfg)
+    cfg, base_fp = pin_base(cfg)
+    sample = prepare_sample(cfg, base_fp)
     catalog = build_catalog(cfg.donors, cfg.hub_concurrency)
     store = ScoreStore(cfg.out)
     summary = ScoreSummary(cfg.out)
@@ -129,7 +143,7 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
         store.compact()
         summary.seconds = time.perf_counter() - t0
         return summary
-    done = store.completed(sample.fingerprint) - set(moved_revisions(catalog, store.read(), sample.fingerprint))
+    done = store.completed(sample.fingerprint) - stale_donors(catalog, store.read(), sample.fingerprint)
     pending = [e for e in catalog if e.donor not in done]
     summary.skipped_done = len(catalog) - len(pending)
     include_base = "__base__" not in done

@@ -75,7 +75,8 @@ class ActorPoolRunner:
 
     def _rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for row in rows:
-            row.update(backend=row.get("backend") or self.cfg.backend, sample_id=self.sample.fingerprint, round=self.round)
+            row.update(backend=row.get("backend") or self.cfg.backend, sample_id=self.sample.fingerprint, round=self.round,
+                       base_fingerprint=self.sample.base_fingerprint)
         return rows
 
     def _fail(self, batch: Batch, reason: str) -> list[dict[str, Any]]:
@@ -96,18 +97,21 @@ class ActorPoolRunner:
 
         ensure_ray(self.cfg.ray_address)
         tasks: list[ScoreTask | None] = [ScoreTask(e, ids[e.donor] if ids else i + 1) for i, e in enumerate(entries)]
-        if include_base:
-            tasks.insert(0, None)
         n = self.cfg.donors_per_call
         self.queue = deque(tasks[i:i + n] for i in range(0, len(tasks), n))
+        # The base goes first and alone: a backend that cannot run the base stops the job before any donor.
+        self.base_pending = include_base
+        if include_base:
+            self.queue.appendleft([None])
         self.target = min(self.cfg.actors, len(self.queue))
+        tasks = [None, *tasks] if include_base else tasks
         sample_ref = ray.put(self.sample)
         bar = tqdm(total=len(tasks), unit="donor", desc="scoring", dynamic_ncols=True)
         try:
             while self.queue or self.inflight:
                 while self.live < self.target and self.queue:
                     self._new_actor()
-                while self.idle and self.queue:
+                while self.idle and self.queue and not (self.base_pending and self.queue[0] != [None]):
                     actor, batch = self.idle.pop(), self.queue.popleft()
                     self.inflight[actor.score.remote(batch, sample_ref)] = Flight(actor, batch, time.monotonic())
                 done, _ = ray.wait([*self.inflight, *self.starting], num_returns=1, timeout=1.0)
@@ -171,6 +175,14 @@ class ActorPoolRunner:
         self._record(rows, summary, bar)
 
     def _record(self, rows: list[dict[str, Any]], summary, bar) -> None:
+        base = next((r for r in rows if r["donor"] == BASE), None)
+        if base is not None:
+            self.base_pending = False
+            if base["status"] != "ok":
+                hint = ("; try --backend hf (score.backend: hf)" if self.cfg.backend != "hf"
+                        else "; check the base model and the backend_options")
+                raise MashupError(f"the {self.cfg.backend} backend cannot score the base model {self.cfg.base}: "
+                                  f"{base['error']}. No donor was scored{hint}")
         self._log_placement(rows)
         self.store.append(rows)
         self.last_progress = time.monotonic()

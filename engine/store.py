@@ -36,6 +36,9 @@ SCHEMA = pa.schema(
         ("path", pa.string()),
         ("meta", pa.string()),
         ("revision", pa.string()),
+        ("donor_sha256", pa.string()),
+        ("donor_stat", pa.string()),
+        ("base_fingerprint", pa.string()),
         ("round", pa.int64()),
         ("written_at", pa.float64()),
     ]

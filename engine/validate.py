@@ -5,24 +5,14 @@ parse and a safetensors header read per donor, plus an optional finiteness pass 
 """
 from __future__ import annotations
 
-import json
-import math
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.catalog import ADAPTER_CONFIG, inside
+from engine.adapter import CONFIG_FILE, WEIGHTS_FILE, Adapter, open_adapter, weights_path
+from engine.catalog import inside
 from engine.errors import DonorError
-
-WEIGHTS = "adapter_model.safetensors"
-MAX_HEADER = 100 * 2**20
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1}
-KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-                    r"(?:\.[^.]+)?(?:\.weight)?$")
-FORBIDDEN_CONFIG_KEYS = ("trust_remote_code", "auto_map", "custom_code")
 
 
 @dataclass(frozen=True)
@@ -39,61 +29,17 @@ def base_spec(base: str, trust_remote_code: bool = False) -> BaseSpec:
     config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    from transformers.pytorch_utils import Conv1D
+
     modules = {}
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear):
             modules[name] = (mod.in_features, mod.out_features)
+        elif isinstance(mod, Conv1D):  # GPT-2 style: weight is (in, out); PEFT's factors still have A (r, in)
+            modules[name] = (mod.weight.shape[0], mod.weight.shape[1])
         elif isinstance(mod, torch.nn.Embedding):
             modules[name] = (mod.num_embeddings, mod.embedding_dim)
     return BaseSpec(getattr(config, "_name_or_path", "") or base, modules)
-
-
-def read_header(path: Path) -> dict[str, Any]:
-    """Parse a safetensors header ourselves, so a hostile header (huge length, bad offsets) fails before any read."""
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            raise ValueError("file too short to be safetensors")
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(MAX_HEADER, size - 8):
-            raise ValueError(f"header claims {n} bytes but the file has {size - 8}")
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError("header is not valid JSON") from None
-    data_len = size - 8 - n
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        shape, dtype, (start, end) = info["shape"], info["dtype"], info["data_offsets"]
-        count = math.prod(shape)
-        if dtype not in DTYPE_BYTES or end - start != count * DTYPE_BYTES[dtype] or not 0 <= start <= end <= data_len:
-            raise ValueError(f"tensor {key!r} ({dtype} {shape}) does not fit the file (offsets {start}..{end}, data {data_len} bytes)")
-    return header
-
-
-def _load_config(folder: Path, donor: str) -> dict[str, Any]:
-    cfg_path = folder / ADAPTER_CONFIG
-    if not cfg_path.is_file():
-        raise DonorError(donor, f"missing {ADAPTER_CONFIG}")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise DonorError(donor, f"corrupt {ADAPTER_CONFIG} (not JSON)") from None
-    if not isinstance(cfg, dict):
-        raise DonorError(donor, f"corrupt {ADAPTER_CONFIG} (not an object)")
-    return cfg
-
-
-def _check_config(cfg: dict[str, Any], donor: str) -> None:
-    if cfg.get("peft_type") != "LORA":
-        raise DonorError(donor, f"unsupported adapter type {cfg.get('peft_type')!r} (only LoRA)")
-    for key in FORBIDDEN_CONFIG_KEYS:
-        if cfg.get(key):
-            raise DonorError(donor, f"adapter config asks for custom code ({key}); refusing to load it")
-    if cfg.get("use_dora"):
-        raise DonorError(donor, "DoRA adapters are not supported (their magnitude vectors do not merge as LoRA)")
 
 
 def _names_match(a: str, b: str) -> bool:
@@ -117,62 +63,39 @@ def validate_donor(
     folder = Path(folder)
     if not folder.is_dir():
         raise DonorError(donor, f"adapter folder not found: {folder}")
-    cfg = _load_config(folder, donor)
-    _check_config(cfg, donor)
-    weights = folder / WEIGHTS
-    if not weights.is_file():
-        if (folder / "adapter_model.bin").exists():
-            raise DonorError(donor, "only a pickle weight file (adapter_model.bin); refusing to unpickle, convert it to safetensors")
-        raise DonorError(donor, f"missing {WEIGHTS}")
+    weights_path(donor, folder)  # a pickle-only donor is named as such before its config is even read
     if root is not None:
-        for f in (folder / ADAPTER_CONFIG, weights):
-            if not inside(root, f):
+        for f in (folder / CONFIG_FILE, folder / WEIGHTS_FILE):
+            if f.exists() and not inside(root, f):
                 raise DonorError(donor, f"{f.name} resolves outside the pool root {root} (symlink?)")
-    base_name = cfg.get("base_model_name_or_path") or ""
+    adapter = open_adapter(donor, folder)
+    if adapter.config.raw.get("use_dora"):
+        raise DonorError(donor, "DoRA adapters are not supported (their magnitude vectors do not merge as LoRA)")
+    base_name = adapter.config.base_model or ""
     if strict_base_name and base_name and not _names_match(base_name, spec.name):
         raise DonorError(donor, f"trained on a different base model ({base_name!r}, expected {spec.name!r})")
-    try:
-        header = read_header(weights)
-    except (ValueError, KeyError, TypeError, OSError) as exc:
-        raise DonorError(donor, f"corrupt {WEIGHTS}: {exc}") from None
-    _check_shapes(donor, cfg, header, spec, base_name)
+    _check_shapes(adapter, spec, base_name)
     if check_finite:
-        _check_finite(donor, weights)
-    return cfg
+        _check_finite(donor, adapter.weights)
+    return adapter.config.raw
 
 
-def _check_shapes(donor: str, cfg: dict, header: dict, spec: BaseSpec, base_name: str) -> None:
+def _check_shapes(adapter: Adapter, spec: BaseSpec, base_name: str) -> None:
+    donor = adapter.name
     hint = f" (adapter trained on {base_name!r}; wrong base?)" if base_name else ""
-    ranks: dict[str, int] = {}
-    n_lora = 0
-    for key, info in header.items():
-        m = KEY_RE.match(key) if key != "__metadata__" else None
-        if not m:
-            continue
-        n_lora += 1
-        module, kind, shape = m["module"], m["kind"], info["shape"]
+    for module, f in adapter.modules.items():
         if module not in spec.modules:
             raise DonorError(donor, f"target module {module!r} does not exist in the base model{hint}")
         fan_in, fan_out = spec.modules[module]
-        if len(shape) != 2:
-            raise DonorError(donor, f"{key}: expected a 2-D tensor, got shape {shape}")
-        if kind in ("lora_A", "lora_embedding_A"):
-            r, dim, want = shape[0], shape[1], fan_in
-        else:
-            dim, r, want = shape[0], shape[1], fan_out
-        if dim != want:
-            raise DonorError(donor, f"shape mismatch at {module}.{kind}: {shape} does not fit the base's {want}{hint}")
-        if ranks.setdefault(module, r) != r:
-            raise DonorError(donor, f"rank mismatch at {module}: lora_A has rank {ranks[module]}, lora_B has {r}")
-    if n_lora == 0:
-        raise DonorError(donor, f"{WEIGHTS} holds no LoRA tensors")
-    declared = cfg.get("r")
-    patterns = cfg.get("rank_pattern") or {}
-    for module, r in ranks.items():
-        expected = next((v for k, v in patterns.items() if re.search(k, module)), declared)
-        if expected is not None and r != expected:
-            raise DonorError(donor, f"rank mismatch at {module}: tensors have rank {r}, adapter_config says r={expected}")
-    _check_targets(donor, cfg, spec, hint)
+        if len(f.a_shape) != 2 or len(f.b_shape) != 2:
+            raise DonorError(donor, f"{f.a_key}: expected 2-D tensors, got {list(f.a_shape)} / {list(f.b_shape)}")
+        if f.a_shape[1] != fan_in:
+            raise DonorError(donor, f"shape mismatch at {module}.lora_A: {list(f.a_shape)} does not fit the base's "
+                                    f"{fan_in}{hint}")
+        if f.b_shape[0] != fan_out:
+            raise DonorError(donor, f"shape mismatch at {module}.lora_B: {list(f.b_shape)} does not fit the base's "
+                                    f"{fan_out}{hint}")
+    _check_targets(donor, adapter.config.raw, spec, hint)
 
 
 def _check_targets(donor: str, cfg: dict, spec: BaseSpec, hint: str) -> None:

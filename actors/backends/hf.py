@@ -48,7 +48,7 @@ class HFBackend(Backend):
         self.device = resolve_device(options.device)
         self.dtype = resolve_dtype(options.dtype, self.device)
         self.model = AutoModelForCausalLM.from_pretrained(
-            base, dtype=self.dtype, trust_remote_code=options.trust_remote_code
+            base, dtype=self.dtype, trust_remote_code=options.trust_remote_code, use_safetensors=True
         ).to(self.device)
         self.model.eval()
         self.pad_id = self.model.config.pad_token_id or 0
@@ -69,9 +69,9 @@ class HFBackend(Backend):
         layout = read_layout(path) if self.options.slots else None
         if layout is not None and any(m.split(".")[-1] == "lm_head" for m in layout.modules):
             layout = None
-        if layout is not None:
-            if self.slots is None or not self.slots.fits(layout):
-                self._rebuild_slots(layout)
+        if layout is not None and (self.slots is None or not self.slots.fits(layout)):
+            self._rebuild_slots(layout)
+        if layout is not None and self.slots.fits(layout):  # a module the slots still lack: PEFT loads it whole
             self._forward_name[name] = self.slots.load(name, path, layout)
         elif self.peft is None:
             self.peft = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)

@@ -19,7 +19,6 @@ are set with setdefault before vLLM is imported, because without them 2-core run
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import math
 import os
@@ -31,7 +30,9 @@ from pydantic import Field
 
 from actors.backends.base import Backend, BackendOptions, DonorRequest, DonorScore, short_error
 from actors.backends.vllm_cpu_compat import vllm_distribution
+from engine.adapter import open_adapter
 from engine.data import EncodedSample
+from engine.errors import DonorError
 
 log = logging.getLogger(__name__)
 
@@ -76,40 +77,30 @@ def supported_rank(rank: int) -> int:
 
 
 def adapter_rank(path: str | Path) -> int:
-    """The largest rank in a PEFT adapter_config.json (r and any rank_pattern entry)."""
-    cfg = json.loads((Path(path) / "adapter_config.json").read_text())
-    return max([int(cfg.get("r", 0)), *(int(v) for v in (cfg.get("rank_pattern") or {}).values())])
+    """The largest rank among the adapter's modules (r, or a rank_pattern entry that applies)."""
+    return open_adapter(str(path), path).max_rank
 
 
 def precheck(path: str | Path, max_rank: int | None = None) -> str | None:
-    """Why vLLM cannot score this adapter exactly, or None. Cheap: reads adapter_config.json only.
+    """Why vLLM cannot score this adapter exactly, or None. Cheap: the config and the safetensors header only.
 
     Catches what vLLM would accept but score wrongly or unsafely; vLLM's own `add_lora` validation catches the rest
-    (DoRA, bias, bad shapes, corrupt files) with its own message.
+    (DoRA, bias, bad shapes) with its own message.
     """
-    p = Path(path)
-    if not (p / "adapter_config.json").is_file():
-        return f"no adapter_config.json in {p}"
-    if not (p / "adapter_model.safetensors").is_file():
-        return "no adapter_model.safetensors (only safetensors weights are loaded, never pickles)"
     try:
-        cfg = json.loads((p / "adapter_config.json").read_text())
-    except json.JSONDecodeError as exc:
-        return f"adapter_config.json is not valid JSON ({exc.msg})"
-    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
-        return f"unsupported adapter type {cfg.get('peft_type')!r} (vLLM loads LoRA only)"
-    targets = cfg.get("target_modules") or []
+        adapter = open_adapter(str(path), path)
+    except DonorError as exc:
+        return exc.reason
+    targets = adapter.config.target_modules or []
     targets = [targets] if isinstance(targets, str) else list(targets)
-    touched = targets + list(cfg.get("modules_to_save") or [])
+    touched = targets + list(adapter.config.raw.get("modules_to_save") or []) + list(adapter.modules)
     if any(name in t for t in touched for name in NO_LM_HEAD):  # names or a regex string
         return "targets lm_head: vLLM drops an lm_head LoRA delta from prompt_logprobs (vllm-project/vllm #51594)"
-    if max_rank is not None:
-        try:
-            rank = adapter_rank(p)
-        except (ValueError, TypeError) as exc:
-            return f"unreadable rank in adapter_config.json ({exc})"
-        if rank > max_rank:
-            return f"rank {rank} exceeds the engine's max_lora_rank {max_rank} (raise vllm option max_lora_rank)"
+    if not adapter.uniform_scale:
+        return ("per-module scales (alpha_pattern/rank_pattern): vLLM applies one scale, lora_alpha/r, to every "
+                "module, so it would score this adapter wrong")
+    if max_rank is not None and adapter.max_rank > max_rank:
+        return f"rank {adapter.max_rank} exceeds the engine's max_lora_rank {max_rank} (raise vllm option max_lora_rank)"
     return None
 
 
@@ -239,7 +230,7 @@ class VLLMBackend(Backend):
             for req in adapters:
                 try:
                     ranks.append(adapter_rank(req.path))
-                except (OSError, ValueError, TypeError):
+                except (OSError, ValueError, TypeError, DonorError):
                     continue  # precheck reports it
             want = supported_rank(max([r for r in ranks if r <= SUPPORTED_RANKS[-1]], default=1))
             if self.rank is None or want > self.rank:

@@ -115,7 +115,7 @@ def verify_merge_checksum(init: Path, weights: Path) -> None:
     """
     import json
 
-    from engine.atomic import sha256_file
+    from engine.adapter import sha256_file
 
     info_path = init / "merge_info.json"
     if not info_path.is_file():

@@ -32,6 +32,11 @@ class ModuleSpec:
         return (self.b_head, rank, *self.b_tail)
 
     @property
+    def key_stem(self) -> str:
+        """The module's name as its output keys spell it (`base_model.model.<path>`): seeds per-module randomness."""
+        return self.a_key.rsplit(".lora_", 1)[0]
+
+    @property
     def is_matrix(self) -> bool:
         return len(self.a_tail) == 1 and not self.b_tail
 

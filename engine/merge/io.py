@@ -19,7 +19,7 @@ import torch
 
 from engine.atomic import atomic_dir
 from engine.errors import ConfigError, DonorError
-from engine.merge import digest
+from engine.adapter import sha256_file
 
 HELPER_MIN_BYTES = 64 << 20
 SAFETENSORS_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
@@ -66,35 +66,6 @@ def open_donor(name: str, weight_file: str | Path,
         raise DonorError(name, f"cannot read {weight_file} ({exc})") from None
 
 
-def read_safetensors_header(path: str | Path) -> tuple[bytes, int]:
-    """The raw JSON header and the size of the data that follows it; reads kilobytes, never tensor data."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as fh:
-        prefix = fh.read(8)
-        if len(prefix) != 8:
-            raise ValueError("file shorter than a safetensors header")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > min(size - 8, 100 << 20):
-            raise ValueError(f"header length {length} does not fit the file")
-        return fh.read(length), size - 8 - length
-
-
-def parse_safetensors_header(raw: bytes, data_size: int) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """key -> (dtype, shape), after checking that every tensor lies inside the file."""
-    header = json.loads(raw)
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    entries = {}
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        begin, end = entry["data_offsets"]
-        if not 0 <= begin <= end <= data_size:
-            raise ValueError(f"tensor {key} lies outside the file")
-        entries[key] = (entry["dtype"], tuple(entry["shape"]))
-    return entries
-
-
 class DonorHasher:
     """Hashes the donor files in a helper process (engine/merge/digest.py) while the merge runs.
 
@@ -107,7 +78,7 @@ class DonorHasher:
         if sum(os.path.getsize(p) for p in self.paths) < helper_min_bytes:
             return  # starting a process would cost more than hashing here
         try:
-            self.process = subprocess.Popen([sys.executable, digest.__file__], stdin=subprocess.PIPE,
+            self.process = subprocess.Popen([sys.executable, "-m", "engine.merge.digest"], stdin=subprocess.PIPE,
                                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
             self.process.stdin.write(json.dumps(self.paths).encode())
             self.process.stdin.close()
@@ -123,7 +94,7 @@ class DonorHasher:
                     digests = json.loads(output)
                     if isinstance(digests, list) and len(digests) == len(self.paths):
                         return digests
-        return [digest.sha256_file(p) for p in self.paths]
+        return [sha256_file(p) for p in self.paths]
 
     def __enter__(self) -> "DonorHasher":
         return self

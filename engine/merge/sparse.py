@@ -67,7 +67,7 @@ class SparseTaskArithmetic(MergeMethod):
         shapes = {"A": module.a_shape(rank), "B": module.b_shape(rank)}
         factors = {f: FactorState(torch.zeros(shape), torch.zeros(shape) if self.elect_sign else None)
                    for f, shape in shapes.items()}
-        return SparseState(module.name, factors, options)
+        return SparseState(module.key_stem, factors, options)
 
     def pruned(self, tensor: torch.Tensor, state: SparseState, donor_index: int, factor: str) -> torch.Tensor:
         density = state.options.density

@@ -13,13 +13,13 @@ from typing import Sequence
 
 import torch
 
-from engine.atomic import sha256_file
+from engine.adapter import sha256_file
 from engine.errors import ConfigError, DonorError, MashupError
 from engine.merge.base import DonorModule, MergeMethod, MergeOptions, ModuleSpec
 from engine.merge.config import MergeConfig
 from engine.merge.donors import (
-    CONFIG_FILE, WEIGHT_FILE, Donor, check_equal_ranks, read_adapter_config, read_donor, union_modules,
-    union_target_modules, warn_on_base_mismatch, output_dtype,
+    CONFIG_FILE, LAYER_SELECTORS, WEIGHT_FILE, Donor, check_equal_ranks, merged_target_modules, read_donor,
+    union_modules, warn_on_base_mismatch, output_dtype,
 )
 from engine.merge.io import (
     DonorHasher, Float32Staging, SafetensorsStreamWriter, atomic_output_dir, open_donor, write_json,
@@ -89,13 +89,24 @@ def group_modules(modules: Sequence[ModuleSpec], method: MergeMethod, rank: int,
     return groups
 
 
-def merged_adapter_config(donors: Sequence[Donor], method: MergeMethod, options: MergeOptions, rank: int) -> dict:
-    """The first donor's config with the merged rank, scale and target modules."""
-    config = read_adapter_config(donors[0].name, donors[0].path)
-    config.update(target_modules=union_target_modules(donors), rank_pattern={}, alpha_pattern={}, inference_mode=True)
+def merged_adapter_config(donors: Sequence[Donor], method: MergeMethod, options: MergeOptions, rank: int,
+                          modules: Sequence[ModuleSpec]) -> dict:
+    """The first donor's config with the merged rank and scale, its modules named explicitly, no layer selectors."""
+    config = {k: v for k, v in donors[0].config.items() if k not in LAYER_SELECTORS}
+    config.update(target_modules=merged_target_modules(donors, modules), inference_mode=True)
     if not method.keeps_donor_scale(options):
         config.update(r=rank, lora_alpha=rank, use_rslora=False)
     return config
+
+
+def _shared_scale(donors: Sequence[Donor]) -> bool:
+    """Every donor has one scale for every module, the same for all donors: the merged adapter can keep it as its
+    own alpha. Otherwise (different alphas or ranks, rsLoRA mixes, alpha_pattern) the scales are folded into B."""
+    first = donors[0]
+    scales = {f.scale for d in donors for f in d.modules.values()}
+    return len(scales) == 1 and all((d.config.get("lora_alpha"), bool(d.config.get("use_rslora")), d.rank)
+                                    == (first.config.get("lora_alpha"), bool(first.config.get("use_rslora")), first.rank)
+                                    for d in donors)
 
 
 def stream_modules(donors: Sequence[Donor], weights: Sequence[float], method: MergeMethod, options: MergeOptions,
@@ -116,8 +127,8 @@ def stream_modules(donors: Sequence[Donor], weights: Sequence[float], method: Me
                         tensors = read([key for _, keys in present for key in (keys.a_key, keys.b_key)])
                     method.add_donor(
                         [states[name] for name, _ in present],
-                        [DonorModule(index, weights[index], donor.scale, a, b)
-                         for a, b in zip(tensors[::2], tensors[1::2])],
+                        [DonorModule(index, weights[index], keys.scale, a, b)
+                         for (_, keys), a, b in zip(present, tensors[::2], tensors[1::2])],
                         pass_index,
                     )
                     bar.update()
@@ -142,12 +153,10 @@ def merge_with_config(config: MergeConfig) -> Path:
     if method.equal_ranks:
         check_equal_ranks(donors, method.name)
     warn_on_base_mismatch(donors)
-    first = donors[0]
     options = MergeOptions(
         density=config.density, majority_sign=config.majority_sign or "total", seed=config.seed,
         svd_rank=config.svd_rank, donor_ranks=tuple(d.rank for d in donors),
-        shared_scale=all((d.alpha, d.use_rslora, d.rank) == (first.alpha, first.use_rslora, first.rank)
-                         for d in donors),
+        shared_scale=_shared_scale(donors),
     )
     rank = method.output_rank(options)
     dtype = output_dtype(donors, config.dtype)
@@ -158,7 +167,7 @@ def merge_with_config(config: MergeConfig) -> Path:
     progress = config.progress
     if progress is None:
         progress = len(groups) * method.passes * len(donors) >= PROGRESS_MIN_READS
-    adapter_config = merged_adapter_config(donors, method, options, rank)
+    adapter_config = merged_adapter_config(donors, method, options, rank, modules)
 
     with atomic_output_dir(config.out, config.overwrite) as tmp, DonorHasher([d.weight_file for d in donors]) as hasher:
         writer = SafetensorsStreamWriter(tmp / WEIGHT_FILE, layout, dtype)

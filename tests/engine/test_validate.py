@@ -1,7 +1,8 @@
 import pytest
 
 from engine.errors import DonorError
-from engine.validate import base_spec, read_header, validate_donor
+from engine.adapter import read_header
+from engine.validate import base_spec, validate_donor
 
 
 @pytest.fixture(scope="module")

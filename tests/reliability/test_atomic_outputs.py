@@ -17,7 +17,8 @@ import pytest
 from safetensors.torch import load_file
 
 import engine
-from engine.atomic import atomic_dir, atomic_write_text, sha256_file
+from engine.adapter import sha256_file
+from engine.atomic import atomic_dir, atomic_write_text
 from engine.cli import main
 from engine.errors import ConfigError
 from engine.finetune.common import check_init_dir
