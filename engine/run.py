@@ -161,17 +161,38 @@ class Timings:
         atomic_write_text(self.path, json.dumps(self.data, indent=1))
 
 
-def _finished(run_dir: Path) -> bool:
-    return (run_dir / "log.parquet").exists() and (run_dir / "adapter" / "adapter_model.safetensors").exists()
+def _finished(ft) -> bool:
+    """A run is done when its log and adapter exist and it was trained from what its config names now: the same
+    init adapter (by content), base, data and options (FinetuneConfig.identity). Anything else is retrained."""
+    from engine.finetune.outputs import INFO_FILE
+
+    run_dir = Path(ft.out)
+    info = run_dir / "adapter" / INFO_FILE
+    if not ((run_dir / "log.parquet").exists() and (run_dir / "adapter" / "adapter_model.safetensors").exists()
+            and info.exists()):
+        return False
+    recorded = json.loads(info.read_text())
+    current = ft.identity()
+    if any(recorded.get(k) != v for k, v in current.items()):
+        log.info("finetune run %s was trained from another init, base, data or config; retraining it", run_dir)
+        return False
+    return True
 
 
-def _merge_is_current(arm_dir: Path, method: str) -> bool:
-    info, sel = arm_dir / "merged" / "merge_info.json", arm_dir / "selection.json"
+def _merge_is_current(arm_dir: Path, merge_cfg) -> bool:
+    """The merged adapter's key (method, every option, each donor's name, weight and scored content) equals the
+    key of what the selection asks for now; engine.merge.streaming.merge_key defines it."""
+    from engine.merge.streaming import MERGE_INFO_FILE, merge_key
+    from engine.selection import Selection
+
+    info, sel = arm_dir / "merged" / MERGE_INFO_FILE, arm_dir / "selection.json"
     if not (info.exists() and sel.exists()):
         return False
-    merged, chosen = json.loads(info.read_text()), json.loads(sel.read_text())
-    return (merged.get("method") == method and merged.get("donors") == [d["donor"] for d in chosen["donors"]]
-            and [round(w, 12) for w in merged.get("weights", [])] == [round(d["weight"], 12) for d in chosen["donors"]])
+    chosen = Selection.read(sel).donors
+    if any(d.fingerprint is None for d in chosen):
+        return False  # scores without content fingerprints: merge again rather than trust the old one
+    want = merge_key(merge_cfg, [d.donor for d in chosen], [d.weight for d in chosen], [d.fingerprint for d in chosen])
+    return json.loads(info.read_text()).get("key") == want
 
 
 def prepare(cfg: RunConfig) -> Timings:
@@ -195,7 +216,7 @@ def prepare(cfg: RunConfig) -> Timings:
         t0 = time.perf_counter()
         select_with_config(cfg.select_config(arm))
         merge_cfg = cfg.merge_config(arm)
-        if not _merge_is_current(cfg.arm_dir(arm), merge_cfg.method):
+        if not _merge_is_current(cfg.arm_dir(arm), merge_cfg):
             merge_with_config(merge_cfg)
         timings.add(f"select+merge:{arm.name}", time.perf_counter() - t0)
     return timings
@@ -207,7 +228,7 @@ def pending_runs(cfg: RunConfig) -> list[tuple[ArmSpec, float | None, int]]:
     for arm in cfg.arms:
         for lr in cfg.lrs():
             for seed in cfg.sweep.seeds:
-                if not _finished(Path(cfg.finetune_config(arm, lr, seed).out)):
+                if not _finished(cfg.finetune_config(arm, lr, seed)):
                     todo.append((arm, lr, seed))
     return todo
 

@@ -57,6 +57,7 @@ class SelectedDonor(StrictModel):
     loss: float
     weight: float
     path: str | None = None
+    fingerprint: str | None = None  # the content fingerprint of the files that were scored (engine.adapter)
 
 
 class Selection(StrictModel):
@@ -180,8 +181,9 @@ def select_with_config(config: SelectConfig) -> Selection:
             continue
         path = row.get("path")
         missing_path = path is None or (isinstance(path, float) and math.isnan(path))
+        fp = row.get("donor_sha256")
         candidates.append({"donor": str(row["donor"]), "loss": loss, "path": None if missing_path else str(path),
-                           "step": donor_step(row.get("meta"))})
+                           "step": donor_step(row.get("meta")), "fingerprint": fp if isinstance(fp, str) else None})
     if not candidates:
         why = " with a loss below the base loss" if config.below_base else ""
         raise DataError(f"scores: no donor with status ok{why} in {config.scores}")
@@ -201,7 +203,7 @@ def select_with_config(config: SelectConfig) -> Selection:
     selection = Selection(
         k=len(chosen), strategy=config.strategy, weighting=config.weighting, penalty=penalty,
         temperature=temperature, base_loss=base_loss,
-        donors=[SelectedDonor(donor=c["donor"], loss=c["loss"], weight=w, path=c["path"])
+        donors=[SelectedDonor(donor=c["donor"], loss=c["loss"], weight=w, path=c["path"], fingerprint=c["fingerprint"])
                 for c, w in zip(chosen, weights)],
     )
     if config.out is not None:

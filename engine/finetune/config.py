@@ -95,6 +95,19 @@ class FinetuneConfig(StrictModel):
             update={k: str(Path(v).expanduser().resolve()) for k, v in paths.items() if v is not None}
         )
 
+    def identity(self) -> dict[str, str | None]:
+        """What a finished run was trained from, by content: the init adapter's fingerprint, the base's, the data
+        files' sha256, and every option that changes training. `mashup run` retrains a run whose identity moved."""
+        from engine.adapter import fingerprint, sha256_file
+        from engine.identity import base_fingerprint, key_of
+
+        cfg = self.resolved()
+        options = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("progress", "overwrite", "out")}
+        files = {k: sha256_file(getattr(cfg, k)) for k in ("data", "eval") if getattr(cfg, k)}
+        base = self.base if self.base.startswith("hf://") else base_fingerprint(cfg.base)[1]
+        return {"init_fingerprint": fingerprint(cfg.init) if cfg.init else None,
+                "config_key": key_of({"options": options, "files": files, "base": base})}
+
     @property
     def out_path(self) -> Path:
         return Path(self.out).expanduser().resolve()

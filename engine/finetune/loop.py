@@ -55,6 +55,7 @@ def train(
     log = TrainLog(out) if is_main else None
     plan = BatchPlan(data.train, cfg)
     pad_id = pad_token_id(tokenizer, stepper.module)
+    identity = cfg.identity() if is_main else {}
 
     def run_eval(step: int) -> None:
         if data.eval is None:
@@ -66,7 +67,7 @@ def train(
 
     def save(path: Path, step: int) -> None:
         if is_main:
-            info = {"step": step, "init": cfg.init, "engine_version": __version__, "config": cfg.model_dump()}
+            info = {"step": step, "init": cfg.init, "engine_version": __version__, "config": cfg.model_dump(), **identity}
             save_adapter(stepper.module, path, info)
 
     run_eval(0)

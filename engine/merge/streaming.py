@@ -45,23 +45,26 @@ def locate_donor(name: str, path: str) -> Path:
         raise DonorError(name, f"could not fetch {path}: {type(exc).__name__}: {exc}") from None
 
 
-def resolve_donors(config: MergeConfig) -> tuple[list[str], list[Path], list[float]]:
-    """(names, folders, weights summing to 1) from a selection.json or from --donors/--weights."""
+def resolve_donors(config: MergeConfig) -> tuple[list[str], list[Path], list[float], list[str | None]]:
+    """(names, folders, weights summing to 1, the fingerprints that were scored or None) from a selection.json or
+    from --donors/--weights."""
     if config.selection is not None:
         from engine.selection import Selection
 
         selection = Selection.read(config.selection)
-        names, paths, weights = [], [], []
+        names, paths, weights, scored = [], [], [], []
         for entry in selection.donors:
             if not entry.path:
                 raise ConfigError(f"selection: donor {entry.donor!r} has no path; pass --donors instead")
             names.append(entry.donor)
             paths.append(locate_donor(entry.donor, entry.path))
             weights.append(entry.weight)
+            scored.append(entry.fingerprint)
     elif config.donors:
         names = list(config.donors)
         paths = [locate_donor(d, d) for d in config.donors]
         weights = list(config.weights) if config.weights is not None else [1.0] * len(names)
+        scored = [None] * len(names)
     else:
         raise ConfigError("donors: give --selection FILE.json or --donors DIR [DIR ...]")
     if not names:
@@ -71,7 +74,34 @@ def resolve_donors(config: MergeConfig) -> tuple[list[str], list[Path], list[flo
         raise ConfigError("weights: must be finite, >= 0, and not all zero")
     if abs(total - 1) > 1e-6:
         log.info("weights sum to %.6g; normalizing to 1", total)
-    return names, paths, [w / total for w in weights]
+    return names, paths, [w / total for w in weights], scored
+
+
+def merge_key(config: MergeConfig, names: Sequence[str], weights: Sequence[float],
+              fingerprints: Sequence[str | None]) -> str:
+    """What a merged adapter is a function of: the method, every option that changes the result, and each
+    donor's name, weight and content. `mashup run` redoes a merge whose key moved (engine.identity)."""
+    from engine.identity import key_of
+
+    options = config.model_dump(mode="json", exclude={"selection", "donors", "weights", "out", "overwrite", "progress",
+                                                      "accumulator_mb"})
+    return key_of({"options": options, "donors": [[n, round(w, 12), f] for n, w, f in zip(names, weights, fingerprints)]})
+
+
+def verify_scored(names: Sequence[str], paths: Sequence[Path], scored: Sequence[str | None],
+                  weight_digests: Sequence[str]) -> list[str]:
+    """Each donor's content fingerprint; a donor whose files changed since they were scored is refused: a
+    merge must read the files that the selection ranked."""
+    from engine.adapter import CONFIG_FILE as CONFIG, combine_fingerprint, sha256_file as digest
+
+    fingerprints = []
+    for name, path, want, weights_sha in zip(names, paths, scored, weight_digests):
+        got = combine_fingerprint(digest(path / CONFIG), weights_sha)
+        if want is not None and got != want:
+            raise DonorError(name, f"{path} changed since it was scored (content fingerprint {got[:12]}, scored "
+                                   f"{want[:12]}); rerun `mashup score` (it rescores changed donors), then select")
+        fingerprints.append(got)
+    return fingerprints
 
 
 def group_modules(modules: Sequence[ModuleSpec], method: MergeMethod, rank: int,
@@ -146,7 +176,7 @@ def merge_with_config(config: MergeConfig) -> Path:
 
     if config.out is None:
         raise ConfigError("out: required (the folder for the merged adapter)")
-    names, paths, weights = resolve_donors(config)
+    names, paths, weights, scored = resolve_donors(config)
     layouts: dict = {}
     donors = [read_donor(name, path, layouts) for name, path in zip(names, paths)]
     method = get_method(config.method)
@@ -178,11 +208,15 @@ def merge_with_config(config: MergeConfig) -> Path:
             writer.abort()
             raise
         write_json(tmp / CONFIG_FILE, adapter_config)
+        digests = hasher.result()
+        fingerprints = verify_scored(names, paths, scored, digests)
         write_json(tmp / MERGE_INFO_FILE, {
             "method": method.name,
             "donors": names,
             "weights": weights,
-            "sha256": hasher.result(),
+            "sha256": digests,
+            "fingerprints": fingerprints,
+            "key": merge_key(config, names, weights, fingerprints),
             "adapter_sha256": sha256_file(tmp / WEIGHT_FILE),
             "paths": [str(p) for p in paths],
             "engine_version": __version__,

@@ -90,8 +90,15 @@ def test_sigkilled_finetune_leaves_only_complete_checkpoints(tmp_path, base_dir,
         assert sorted(p.name for p in ckpt.iterdir()) == [
             "README.md", "adapter_config.json", "adapter_model.safetensors", "finetune_info.json"], ckpt
         assert load_file(str(ckpt / "adapter_model.safetensors")) and json.loads((ckpt / "finetune_info.json").read_text())
-    assert not (out / "adapter").exists() and not (out / "log.parquet").exists() and not _finished(out)
-    assert main(cmd[3:] + ["--overwrite", "--steps", "2"]) == 0 and _finished(out)
+    from engine.finetune import FinetuneConfig
+
+    def ft(steps: int) -> FinetuneConfig:
+        return FinetuneConfig(base=str(base_dir), data=str(task_file), out=str(out), steps=steps, batch_size=2,
+                              save_every=1)
+
+    assert not (out / "adapter").exists() and not (out / "log.parquet").exists() and not _finished(ft(500))
+    assert main(cmd[3:] + ["--overwrite", "--steps", "2"]) == 0 and _finished(ft(2))
+    assert not _finished(ft(3))  # another config: the run does not count as done
 
 
 @pytest.fixture(scope="module")

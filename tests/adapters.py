@@ -1,0 +1,50 @@
+"""Test helpers: real PEFT adapters of the kinds Hub users publish (patterns, rsLoRA, layer selectors, renamed keys)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def write_peft_adapter(base_dir: str | Path, out_dir: str | Path, seed: int, init_std: float = 0.2,
+                       **lora: Any) -> Path:
+    """`get_peft_model` with any LoraConfig options, every LoRA tensor drawn non-zero, then `save_pretrained`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(lora_dropout=0.0, **lora))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * init_std)
+    model.save_pretrained(str(out_dir))
+    return Path(out_dir)
+
+
+def with_adapter_name_in_keys(src: str | Path, dst: str | Path, name: str = "default") -> Path:
+    """A copy whose keys read `...lora_A.<name>.weight`, as some Hub uploads are saved."""
+    from safetensors.torch import load_file, save_file
+
+    dst = Path(dst)
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    tensors = load_file(str(Path(src) / "adapter_model.safetensors"))
+    renamed = {k.replace(".lora_A.weight", f".lora_A.{name}.weight").replace(".lora_B.weight", f".lora_B.{name}.weight"): v
+               for k, v in tensors.items()}
+    assert renamed.keys() != tensors.keys()
+    save_file(renamed, str(dst / "adapter_model.safetensors"))
+    return dst
+
+
+def peft_scalings(base_dir: str | Path, adapter: str | Path) -> dict[str, float]:
+    """PEFT's own per-module scale after loading an adapter: the reference for our pattern rules."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir)), str(adapter))
+    return {name.removeprefix("base_model.model."): float(mod.scaling["default"])
+            for name, mod in model.named_modules() if isinstance(getattr(mod, "scaling", None), dict)
+            and "default" in mod.scaling}

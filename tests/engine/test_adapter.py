@@ -1,0 +1,80 @@
+"""engine.adapter, the one reader of adapter folders: key grammar, PEFT's pattern rules, fingerprints."""
+import json
+import shutil
+
+import pytest
+
+from engine.adapter import fingerprint, open_adapter, parse_key, stat_signature
+from engine.errors import DonorError
+from engine.validate import base_spec, validate_donor
+from tests.adapters import peft_scalings, with_adapter_name_in_keys, write_peft_adapter
+
+
+@pytest.mark.parametrize("key, want", [
+    ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", ("model.layers.0.self_attn.q_proj", "lora_A", "weight")),
+    ("base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight", ("model.layers.0.self_attn.q_proj", "lora_B", "weight")),
+    ("base_model.model.model.embed_tokens.lora_embedding_A", ("model.embed_tokens", "lora_embedding_A", "weight")),
+    ("base_model.model.model.layers.0.mlp.down_proj.lora_B.bias", ("model.layers.0.mlp.down_proj", "lora_B", "bias")),
+    ("base_model.model.model.layers.0.mlp.down_proj.lora_magnitude_vector", ("model.layers.0.mlp.down_proj", "lora_magnitude_vector", "weight")),
+])
+def test_key_grammar(key, want):
+    parsed = parse_key(key)
+    assert (parsed.module, parsed.kind, parsed.param) == want
+
+
+def test_a_saved_module_is_not_a_lora_key():
+    assert parse_key("base_model.model.lm_head.weight") is None
+
+
+@pytest.fixture(scope="module")
+def patterned(base_dir, tmp_path_factory):
+    """alpha_pattern {"mlp": 32} must NOT apply to mlp.down_proj (PEFT matches a pattern at a dotted suffix), while
+    {"proj": 4} in rank_pattern matches nothing and "v_proj" does: the cases re.search got wrong."""
+    root = tmp_path_factory.mktemp("patterned")
+    return write_peft_adapter(base_dir, root / "d", seed=3, r=8, lora_alpha=16,
+                              target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True,
+                              rank_pattern={"proj": 4, "v_proj": 4}, alpha_pattern={"mlp": 32, "q_proj": 5})
+
+
+def test_scales_follow_peft_exactly(base_dir, patterned):
+    adapter = open_adapter("d", patterned)
+    reference = peft_scalings(base_dir, patterned)
+    assert reference.keys() == adapter.modules.keys()
+    for module, factors in adapter.modules.items():
+        assert factors.scale == pytest.approx(reference[module], rel=1e-12), module
+    assert {f.rank for m, f in adapter.modules.items() if "v_proj" in m} == {4}
+    assert {f.rank for m, f in adapter.modules.items() if "v_proj" not in m} == {8}
+    assert not adapter.uniform_scale
+
+
+def test_rank_pattern_donor_is_valid(base_dir, patterned):
+    cfg = validate_donor("d", patterned, base_spec(str(base_dir)))
+    assert cfg["rank_pattern"] == {"proj": 4, "v_proj": 4}
+
+
+def test_adapter_name_keys_parse_like_plain_ones(pool_dir, tmp_path):
+    plain = open_adapter("p", pool_dir / "qv" / "donor1")
+    named = open_adapter("n", with_adapter_name_in_keys(pool_dir / "qv" / "donor1", tmp_path / "named"))
+    assert plain.modules.keys() == named.modules.keys()
+    assert all(".default." in f.a_key for f in named.modules.values())
+
+
+def test_fingerprint_is_content(pool_dir, tmp_path):
+    a = shutil.copytree(pool_dir / "qv" / "donor1", tmp_path / "a")
+    b = shutil.copytree(pool_dir / "qv" / "donor1", tmp_path / "b")
+    assert fingerprint(a) == fingerprint(b)
+    assert stat_signature(a) != stat_signature(b)  # other folder, other inode: the driver cannot vouch for b
+    cfg = json.loads((b / "adapter_config.json").read_text())
+    cfg["lora_alpha"] += 1
+    (b / "adapter_config.json").write_text(json.dumps(cfg))
+    assert fingerprint(a) != fingerprint(b)
+    shutil.copy(pool_dir / "qv" / "donor3" / "adapter_model.safetensors", a / "adapter_model.safetensors")
+    assert fingerprint(a) != fingerprint(pool_dir / "qv" / "donor1")
+
+
+def test_hostile_config_is_refused(pool_dir, tmp_path):
+    d = shutil.copytree(pool_dir / "qv" / "donor1", tmp_path / "d")
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
+                                                      "rank_pattern": {"q_proj": "eight"}}))
+    with pytest.raises(DonorError, match="rank_pattern must map"):
+        open_adapter("d", d)
