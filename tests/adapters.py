@@ -48,3 +48,14 @@ def peft_scalings(base_dir: str | Path, adapter: str | Path) -> dict[str, float]
     return {name.removeprefix("base_model.model."): float(mod.scaling["default"])
             for name, mod in model.named_modules() if isinstance(getattr(mod, "scaling", None), dict)
             and "default" in mod.scaling}
+
+
+def peft_deltas(base_dir: str | Path, adapter: str | Path) -> dict[str, torch.Tensor]:
+    """ΔW of every adapted module as PEFT itself computes it after loading (its scales, its selectors)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir)), str(adapter))
+    return {name.removeprefix("base_model.model."): mod.get_delta_weight("default").detach().float()
+            for name, mod in model.named_modules()
+            if hasattr(mod, "get_delta_weight") and "default" in getattr(mod, "lora_A", {})}
