@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "*.bin"]
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]  # never a pickle: nothing may read one
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 TOKENIZER_FILES = ["*.json", "*.model", "*.txt", "*.jinja"]
 COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -46,7 +46,7 @@ def offline() -> bool:
 
 
 def fetch(uri: str, allow_patterns: list[str] | None = None) -> str:
-    """Download (or find in cache) a repo snapshot and return its local folder. `*.bin` is fetched only to report it."""
+    """Download (or find in cache) a repo snapshot and return its local folder: config and safetensors files only."""
     from huggingface_hub import snapshot_download
 
     ref = HubRef.parse(uri)

@@ -31,7 +31,7 @@ def _final_eval(cfg, run_dir: Path) -> dict[str, Any]:
     info = run_dir / "adapter" / INFO_FILE
     ft = json.loads(info.read_text()).get("config", {}) if info.exists() else {}
     tok = AutoTokenizer.from_pretrained(cfg.base)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.base, dtype=torch.float32),
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.base, dtype=torch.float32, use_safetensors=True),
                                       str(run_dir / "adapter"))
     result = evaluate(model, tok, load_jsonl(cfg.eval), chat_template=bool(ft.get("chat_template", False))).summary()
     atomic_write_text(cache, json.dumps(result))

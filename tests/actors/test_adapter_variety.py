@@ -95,3 +95,22 @@ def test_empty_prompt_without_bos_is_scored_alike_everywhere(base_dir, tokenizer
     loss, _ = reference_loss(base_dir, ours, sample)
     assert scored.error is None and abs(scored.loss - loss) < 1e-5
     assert scored.n_tokens == sum(len(e.input_ids) - 1 for e in sample.examples[:1]) + sample.examples[1].n_completion
+
+
+def test_base_weights_are_read_from_safetensors_only(base_dir, tmp_path):
+    """A base that ships only a pickle (pytorch_model.bin) is refused, never unpickled."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "pickled_base"
+    shutil.copytree(base_dir, folder)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(OSError, match="safetensors"):
+        HFBackend(str(folder), HFOptions())
+
+
+def test_hub_fetches_no_pickles():
+    from engine.hub import ADAPTER_FILES, MODEL_FILES
+
+    assert not any("bin" in p or p.endswith((".pt", ".pth", ".ckpt")) for p in ADAPTER_FILES + MODEL_FILES)
