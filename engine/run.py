@@ -49,7 +49,7 @@ class RunConfig(StrictModel):
     base: str
     donors: list[str] = Field(min_length=1)
     train: Path = Field(description="the new task's training data; scoring samples from it")
-    val: Path | None = Field(None, description="picks the best LR per arm; gives the curves and parity")
+    val: Path | None = Field(None, description="required: picks the best LR per arm; gives the curves and parity")
     eval: Path | None = Field(None, description="held-out final evaluation (multiple choice when it has choices)")
     score: dict[str, Any] = Field(default_factory=dict)
     select: dict[str, Any] = Field(default_factory=lambda: {"k": 2})
@@ -103,11 +103,14 @@ class RunConfig(StrictModel):
 
     def check(self) -> None:
         """Every stage's config, validated before any expensive work."""
+        from engine.paths import check_paths
+
         if self.baseline not in {a.name for a in self.arms}:
             raise ConfigError(f"baseline: {self.baseline!r} is not one of the arms")
-        for path in (self.train, self.val, self.eval):
-            if path is not None and not Path(path).is_file():
-                raise ConfigError(f"data file not found: {path}")
+        if self.val is None:
+            raise ConfigError("val: required; the run picks each arm's LR, draws its curves and measures parity on a "
+                              "validation file (hold out a slice of train), so without one it refuses before any work")
+        check_paths(self, {"base": "base", "donors": "donors", "train": "file", "val": "file", "eval": "file"})
         score = self.score_config()
         for arm in self.arms:
             if arm.init == "merge":

@@ -31,10 +31,12 @@ def run(args: argparse.Namespace) -> int:
     from engine.config import build_config
     from engine.merge.config import MergeConfig
     from engine.merge.streaming import MERGE_INFO_FILE, merge_with_config
+    from engine.paths import check_paths
 
     keys = ("selection", "donors", "weights", "method", "out", "dtype", "density", "majority_sign", "seed",
             "svd_rank", "overwrite", "progress")
     config = build_config(MergeConfig, args.config, {k: getattr(args, k) for k in keys})
+    check_paths(config, {"selection": "file", "donors": "adapter"})
     out = merge_with_config(config)
     info = json.loads((out / MERGE_INFO_FILE).read_text())
     print(f"merged {len(info['donors'])} donors ({info['method']}, r={info['r']}, {info['dtype']}) -> {out}")

@@ -26,10 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from engine.config import build_config
     from engine.errors import ConfigError
+    from engine.paths import check_paths
     from engine.selection import SelectConfig, select_with_config
 
     keys = ("scores", "k", "strategy", "below_base", "seed", "weighting", "penalty", "temperature", "out")
     config = build_config(SelectConfig, args.config, {k: getattr(args, k) for k in keys})
+    check_paths(config, {"scores": "scores"})
     if config.out is None:
         raise ConfigError("out: required (the selection.json to write)")
     selection = select_with_config(config)
