@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.analysis import mean_std
+from engine.analysis import better, mean_std
 from engine.atomic import atomic_write_text
 
 README_BLOCK = "bench-recycling"
@@ -34,7 +34,11 @@ def per_target(runs: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def average(data: dict[str, dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
-    """One row per arm over all targets; wall-clock is relative to the baseline's time to its own final value."""
+    """One row per arm over all targets; wall-clock is relative to the baseline's time to its own final value.
+
+    A "win" is a target where the arm's final value is better than the baseline's in the metric's own direction
+    (higher accuracy, lower loss), as `engine.analysis.better` defines it for the report's parity.
+    """
     arms = [r["arm"] for r in next(iter(data.values()))["rows"]]
     base = {t: next(r for r in d["rows"] if r["arm"] == baseline) for t, d in data.items()}
     base_final = mean_std([r["final"] for r in base.values()])[0]
@@ -56,12 +60,17 @@ def average(data: dict[str, dict[str, Any]], baseline: str) -> list[dict[str, An
             "final": final_m, "final_std": final_s,
             "delta_vs_baseline": final_m - base_final,
             "heldout": mean_std(held)[0] if held else None,
-            "wins": sum(rows[t]["final"] > base[t]["final"] + 1e-9 for t in rows),
+            "wins": sum(_wins(data[t]["metric"], rows[t]["final"], base[t]["final"]) for t in rows),
             "parity_reached": len(reached), "parity_pct_mean": sum(reached) / len(reached) if reached else None,
             "wallclock_to_parity_vs_baseline": sum(clock) / len(clock) if clock else None,
             "lrs": {t: r["lr"] for t, r in rows.items()},
         })
     return out
+
+
+def _wins(metric: str, final: float, baseline_final: float) -> bool:
+    """Better than the baseline by more than rounding noise, in the metric's direction."""
+    return better(metric, final, baseline_final) and abs(final - baseline_final) > 1e-9
 
 
 def plot_curves(data: dict[str, dict[str, Any]], path: Path) -> Path:
