@@ -96,10 +96,22 @@ def test_mwa_steps_without_steps_names_the_donor(tmp_path):
         select(path, k=2, weighting="mwa-steps")
 
 
-def test_softmax_weights_and_temperature_are_recorded(scores):
-    selection = select(scores, k=2, weighting="softmax", temperature=0.1)
-    assert [d.weight for d in selection.donors] == pytest.approx([0.5, 0.5])
+def test_softmax_weights_and_temperature_are_recorded(tmp_path):
+    """Distinct losses, so only w_i = exp(-loss_i/T) / Σ_j exp(-loss_j/T) passes (uniform weights would not)."""
+    import math
+
+    losses = {"p": 0.50, "q": 0.60, "r": 0.80}
+    path = write_scores(tmp_path, [score_row("__base__", 1.0)] + [score_row(d, x) for d, x in losses.items()])
+    selection = select(path, k=3, weighting="softmax", temperature=0.1, out=tmp_path / "selection.json")
+    # By hand: exp(-5), exp(-6), exp(-8) over their sum = 0.7054, 0.2595, 0.0351.
+    total = math.exp(-5) + math.exp(-6) + math.exp(-8)
+    expected = [math.exp(-5) / total, math.exp(-6) / total, math.exp(-8) / total]
+    assert names(selection) == ["p", "q", "r"]
+    assert [d.weight for d in selection.donors] == pytest.approx(expected, rel=1e-12)
+    assert [round(d.weight, 4) for d in selection.donors] == [0.7054, 0.2595, 0.0351]
     assert selection.temperature == 0.1 and selection.penalty is None
+    written = json.loads((tmp_path / "selection.json").read_text())
+    assert written["temperature"] == 0.1 and [d["weight"] for d in written["donors"]] == pytest.approx(expected)
 
 
 def test_latest_row_of_a_donor_wins(tmp_path):
