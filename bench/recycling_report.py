@@ -64,8 +64,20 @@ def average(data: dict[str, dict[str, Any]], baseline: str) -> list[dict[str, An
             "parity_reached": len(reached), "parity_pct_mean": sum(reached) / len(reached) if reached else None,
             "wallclock_to_parity_vs_baseline": sum(clock) / len(clock) if clock else None,
             "lrs": {t: r["lr"] for t, r in rows.items()},
+            **{key: _same([r.get(key) for r in rows.values()]) for key in ("rank", "alpha", "trainable_params")},
         })
     return out
+
+
+def _same(values: list[Any]) -> Any:
+    """The one value every target shares, else the list (an arm whose rank differs by target, e.g. `cat`)."""
+    return values[0] if len(set(map(str, values))) == 1 else values
+
+
+def _shape(r: dict[str, Any]) -> str:
+    if r.get("rank") is None or isinstance(r["rank"], list) or isinstance(r.get("trainable_params"), list):
+        return "varies" if isinstance(r.get("rank"), list) else "—"
+    return f"{r['rank']} / {r['alpha']:g} ({r['trainable_params']:,})"
 
 
 def _wins(metric: str, final: float, baseline_final: float) -> bool:
@@ -117,11 +129,11 @@ def render(cfg, avg: list[dict[str, Any]], data: dict[str, dict[str, Any]], curv
              f"{cfg.finetune.get('steps')} steps. Parity: % of the budget at which the arm first reaches "
              f"`{cfg.baseline}`'s final value (mean over the targets where it does). Wall-clock to parity includes "
              f"scoring and merge, relative to `{cfg.baseline}`'s time to reach its own final value.", "",
-             f"| arm | step-0 | final ± std | Δ vs {cfg.baseline} ({unit}) | held-out | beats {cfg.baseline} | "
-             "parity step | wall-clock to parity |", "|---|---|---|---|---|---|---|---|"]
+             f"| arm | rank / alpha (trainable params) | step-0 | final ± std | Δ vs {cfg.baseline} ({unit}) | held-out | "
+             f"beats {cfg.baseline} | parity step | wall-clock to parity |", "|---|---|---|---|---|---|---|---|---|"]
     for r in avg:
         clock = "—" if r["wallclock_to_parity_vs_baseline"] is None else f"{100 * r['wallclock_to_parity_vs_baseline']:.0f}%"
-        lines.append(f"| {r['arm']} | {_fmt(r['step0'])} | {_fmt(r['final'])} ± {_fmt(r['final_std'])} | "
+        lines.append(f"| {r['arm']} | {_shape(r)} | {_fmt(r['step0'])} | {_fmt(r['final'])} ± {_fmt(r['final_std'])} | "
                      f"{r['delta_vs_baseline'] * scale:+.1f} | {_fmt(r['heldout'])} | {r['wins']}/{n} | "
                      f"{_pct(r['parity_pct_mean'])} ({r['parity_reached']}/{n}) | {clock} |")
     lines += ["", f"![curves]({curves.name})", "", "### Per target", "",
