@@ -45,8 +45,8 @@ def nested_sections(config) -> None:
     config.score_config().backend_opts()
     for arm in config.arms:
         if arm.init == "merge":
-            config.select_config(arm)
-            config.merge_config(arm)
+            config.select_config(arm, config.sweep.seeds[0])
+            config.merge_config(arm, config.sweep.seeds[0])
         for lr in config.lrs():
             config.finetune_config(arm, lr, config.sweep.seeds[0])
 
