@@ -32,7 +32,8 @@ test-vllm:
 demo: install
 	RAY_AUTH_MODE=disabled $(BIN)/python -m bench.world.build --scale demo
 	RAY_AUTH_MODE=disabled $(BIN)/mashup run --config configs/demo.yaml
-	@echo "open runs/demo/report.md"
+	$(BIN)/python -m bench.demo_readme --run runs/demo
+	@echo "open runs/demo/report.md (README's demo table was rewritten from runs/demo/results.json)"
 
 # Every performance ratio (scoring vs naive loop, FLOP efficiency, 1 vs 2 actors, merge memory), README table rewritten.
 bench: install

@@ -49,6 +49,7 @@ class BenchConfig(StrictModel):
     arms: Arms
     baseline: str = "scratch"
     sweep: SweepSpec = Field(default_factory=SweepSpec)
+    match_scratch_rank: bool = Field(False, description="every merged arm re-factored to finetune.lora's r and alpha")
     tune: TuneSettings = Field(default_factory=TuneSettings)
     results: Path = Field(Path("bench/results/recycling.json"), description="summary JSON; .md and _curves.png beside it")
     ray_address: str | None = None
@@ -78,6 +79,7 @@ class BenchConfig(StrictModel):
             score={**self.score, **({"ray_address": self.ray_address} if self.ray_address else {})},
             select=self.select, merge=self.merge, finetune={"progress": False, **self.finetune},
             arms=[self._arm_for(arm, target) for arm in self.arms], baseline=self.baseline, sweep=self.sweep,
+            match_scratch_rank=self.match_scratch_rank,
         )
 
     def _arm_for(self, arm: ArmSpec, target: str) -> ArmSpec:

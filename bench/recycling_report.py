@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.analysis import mean_std
+from engine.analysis import better, mean_std
 from engine.atomic import atomic_write_text
 
 README_BLOCK = "bench-recycling"
@@ -34,7 +34,11 @@ def per_target(runs: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def average(data: dict[str, dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
-    """One row per arm over all targets; wall-clock is relative to the baseline's time to its own final value."""
+    """One row per arm over all targets; wall-clock is relative to the baseline's time to its own final value.
+
+    A "win" is a target where the arm's final value is better than the baseline's in the metric's own direction
+    (higher accuracy, lower loss), as `engine.analysis.better` defines it for the report's parity.
+    """
     arms = [r["arm"] for r in next(iter(data.values()))["rows"]]
     base = {t: next(r for r in d["rows"] if r["arm"] == baseline) for t, d in data.items()}
     base_final = mean_std([r["final"] for r in base.values()])[0]
@@ -56,12 +60,29 @@ def average(data: dict[str, dict[str, Any]], baseline: str) -> list[dict[str, An
             "final": final_m, "final_std": final_s,
             "delta_vs_baseline": final_m - base_final,
             "heldout": mean_std(held)[0] if held else None,
-            "wins": sum(rows[t]["final"] > base[t]["final"] + 1e-9 for t in rows),
+            "wins": sum(_wins(data[t]["metric"], rows[t]["final"], base[t]["final"]) for t in rows),
             "parity_reached": len(reached), "parity_pct_mean": sum(reached) / len(reached) if reached else None,
             "wallclock_to_parity_vs_baseline": sum(clock) / len(clock) if clock else None,
             "lrs": {t: r["lr"] for t, r in rows.items()},
+            **{key: _same([r.get(key) for r in rows.values()]) for key in ("rank", "alpha", "trainable_params")},
         })
     return out
+
+
+def _same(values: list[Any]) -> Any:
+    """The one value every target shares, else the list (an arm whose rank differs by target, e.g. `cat`)."""
+    return values[0] if len(set(map(str, values))) == 1 else values
+
+
+def _shape(r: dict[str, Any]) -> str:
+    if r.get("rank") is None or isinstance(r["rank"], list) or isinstance(r.get("trainable_params"), list):
+        return "varies" if isinstance(r.get("rank"), list) else "—"
+    return f"{r['rank']} / {r['alpha']:g} ({r['trainable_params']:,})"
+
+
+def _wins(metric: str, final: float, baseline_final: float) -> bool:
+    """Better than the baseline by more than rounding noise, in the metric's direction."""
+    return better(metric, final, baseline_final) and abs(final - baseline_final) > 1e-9
 
 
 def plot_curves(data: dict[str, dict[str, Any]], path: Path) -> Path:
@@ -108,11 +129,11 @@ def render(cfg, avg: list[dict[str, Any]], data: dict[str, dict[str, Any]], curv
              f"{cfg.finetune.get('steps')} steps. Parity: % of the budget at which the arm first reaches "
              f"`{cfg.baseline}`'s final value (mean over the targets where it does). Wall-clock to parity includes "
              f"scoring and merge, relative to `{cfg.baseline}`'s time to reach its own final value.", "",
-             f"| arm | step-0 | final ± std | Δ vs {cfg.baseline} ({unit}) | held-out | beats {cfg.baseline} | "
-             "parity step | wall-clock to parity |", "|---|---|---|---|---|---|---|---|"]
+             f"| arm | rank / alpha (trainable params) | step-0 | final ± std | Δ vs {cfg.baseline} ({unit}) | held-out | "
+             f"beats {cfg.baseline} | parity step | wall-clock to parity |", "|---|---|---|---|---|---|---|---|---|"]
     for r in avg:
         clock = "—" if r["wallclock_to_parity_vs_baseline"] is None else f"{100 * r['wallclock_to_parity_vs_baseline']:.0f}%"
-        lines.append(f"| {r['arm']} | {_fmt(r['step0'])} | {_fmt(r['final'])} ± {_fmt(r['final_std'])} | "
+        lines.append(f"| {r['arm']} | {_shape(r)} | {_fmt(r['step0'])} | {_fmt(r['final'])} ± {_fmt(r['final_std'])} | "
                      f"{r['delta_vs_baseline'] * scale:+.1f} | {_fmt(r['heldout'])} | {r['wins']}/{n} | "
                      f"{_pct(r['parity_pct_mean'])} ({r['parity_reached']}/{n}) | {clock} |")
     lines += ["", f"![curves]({curves.name})", "", "### Per target", "",

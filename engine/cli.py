@@ -8,6 +8,7 @@ import os
 import sys
 
 from engine.errors import MashupError
+from engine.version import __version__  # importlib.metadata: the installed distribution's version
 
 # One line per command; each module defines `register(subparsers)` and sets `handler` on its parser.
 COMMANDS = (
@@ -22,6 +23,7 @@ COMMANDS = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mashup", description="Recycle LoRA donors into a head start.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"mashup {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS:
         importlib.import_module(module).register(sub)

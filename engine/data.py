@@ -1,7 +1,7 @@
 """Task data: JSONL loading, deterministic sampling and tokenization with a completion-only loss mask.
 
-The tokenization rule is a contract (DESIGN.md §2) shared by scoring, finetuning and evaluation, so all of
-them call `encode_example` and nothing else.
+The tokenization rule is a contract (docs/contracts.md, "Task data") shared by scoring, finetuning and
+evaluation, so all of them call `encode_example` and nothing else.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Held-out evaluation of a causal LM (plain or PEFT): completion-token loss, token accuracy, multiple-choice accuracy.
 
 Results are kept as sums, not means, so that shards evaluated on different workers add up exactly to the result
-of one process (DESIGN.md §2: the loss is token-weighted). The math is `actors.losses`, the same as scoring, so a
-step-0 evaluation of an adapter equals its score.
+of one process (docs/contracts.md, "Task data": the loss is token-weighted). The math is `actors.losses`, the
+same as scoring, so a step-0 evaluation of an adapter equals its score.
 """
 from __future__ import annotations
 

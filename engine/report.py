@@ -6,6 +6,7 @@ sees, honestly, whether recycling helped: the verdict line is computed from the 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,28 @@ def _final_eval(cfg, run_dir: Path) -> dict[str, Any]:
     return result
 
 
+def trainable_shape(adapter: Path) -> dict[str, Any]:
+    """r, lora_alpha and the number of trainable parameters of a finished run's adapter (every LoRA factor is
+    trained, from a merge or from scratch), read from its config and safetensors header; None when it is absent."""
+    from safetensors import safe_open
+
+    config, weights = adapter / "adapter_config.json", adapter / "adapter_model.safetensors"
+    if not (config.is_file() and weights.is_file()):
+        return {"rank": None, "alpha": None, "trainable_params": None}
+    settings = json.loads(config.read_text())
+    with safe_open(str(weights), framework="pt") as f:
+        params = sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    return {"rank": settings.get("r"), "alpha": settings.get("lora_alpha"), "trainable_params": params}
+
+
+def _merge_overhead(timings: dict[str, float], cfg, spec) -> float:
+    """Seconds of select+merge behind one run of the arm (one draw's, for arms drawn per seed)."""
+    from engine.run import merge_timing_key
+
+    spent = [timings.get(merge_timing_key(spec.name, seed), 0.0) for seed in cfg.draw_seeds(spec)]
+    return sum(spent) / len(spent)
+
+
 def collect(cfg) -> dict[str, Any]:
     from engine.run import run_name
     from engine.store import read_scores
@@ -56,7 +79,7 @@ def collect(cfg) -> dict[str, Any]:
         runs = arms[spec.name]
         curve = runs.mean_curve()
         step = parity_step(runs, target, metric)
-        overhead = timings.get("score", 0.0) + timings.get(f"select+merge:{spec.name}", 0.0) if spec.init == "merge" else 0.0
+        overhead = timings.get("score", 0.0) + _merge_overhead(timings, cfg, spec) if spec.init == "merge" else 0.0
         final_m, final_s = mean_std(runs.final(metric))
         row = {
             "arm": spec.name, "init": spec.init, "lr": runs.lr, "seeds": len(runs.curves),
@@ -66,6 +89,7 @@ def collect(cfg) -> dict[str, Any]:
             "parity_pct": None if step is None else 100.0 * step / max(1, int(curve.index.max())),
             "seconds_to_parity": None if step is None else overhead + seconds_at(runs, step),
             "overhead_seconds": overhead,
+            **trainable_shape(cfg.arm_dir(spec) / "runs" / run_name(runs.lr, next(iter(runs.curves))) / "adapter"),
         }
         if cfg.eval is not None:
             evals = [_final_eval(cfg, cfg.arm_dir(spec) / "runs" / run_name(runs.lr, s)) for s in runs.curves]
@@ -73,8 +97,12 @@ def collect(cfg) -> dict[str, Any]:
             row["heldout_metric"] = key
             row["heldout"], row["heldout_std"] = mean_std([e[key] for e in evals])
         rows.append(row)
-    selections = {a.name: json.loads((cfg.arm_dir(a) / "selection.json").read_text())
-                  for a in cfg.arms if (cfg.arm_dir(a) / "selection.json").exists()}
+    selections = {}
+    for a in cfg.arms:
+        for seed in cfg.draw_seeds(a):
+            path = cfg.merge_home(a, seed) / "selection.json"
+            if a.init == "merge" and path.exists():
+                selections[a.name if seed is None else f"{a.name} (draw for seed {seed})"] = json.loads(path.read_text())
     return {"metric": metric, "baseline": cfg.baseline, "target": target, "rows": rows, "timings": timings,
             "selections": selections, "arms": arms, "scores": scores}
 
@@ -132,6 +160,22 @@ def verdict(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def ranking_table(donors, top: int = 12) -> list[str]:
+    """The pool ranked both ways: by loss (our default) and by token accuracy (the Mashup authors' default)."""
+    if donors.empty:
+        return []
+    by_loss = donors.sort_values(["loss", "donor"]).reset_index(drop=True)
+    acc_rank = {d: i + 1 for i, d in enumerate(donors.assign(neg=-donors.token_accuracy)
+                                               .sort_values(["neg", "loss", "donor"]).donor)}
+    lines = [f"Donors ranked by loss and by token accuracy (best {min(top, len(by_loss))} by loss; "
+             "`select.metric` chooses which ranking selects):", "",
+             "| donor | loss | rank by loss | token accuracy | rank by token accuracy |", "|---|---|---|---|---|"]
+    for i, row in by_loss.head(top).iterrows():
+        lines.append(f"| {row.donor} | {_fmt(row.loss)} | {i + 1} | {_fmt(row.token_accuracy)} | "
+                     f"{acc_rank[row.donor]} |")
+    return lines + [""]
+
+
 def render(cfg, data: dict[str, Any], plots: list[Path]) -> str:
     m = data["metric"]
     out = [f"# mashup run report", "", f"*{time.strftime('%Y-%m-%d %H:%M')}* — base `{cfg.base}`, task `{cfg.train}`, "
@@ -145,22 +189,27 @@ def render(cfg, data: dict[str, Any], plots: list[Path]) -> str:
         base = ok[ok.donor == "__base__"]
         out += ["## Scoring", "", f"{len(ok) - len(base)} donors scored, {int((scores.status == 'failed').sum())} failed; "
                 f"base loss {_fmt(float(base.loss.iloc[0]) if len(base) else None)} nats/token.", ""]
+        out += ranking_table(ok[ok.donor != "__base__"])
     for arm, sel in data["selections"].items():
-        out += [f"### Selected for `{arm}` ({sel['strategy']}, k={sel['k']}, {sel['weighting']})", "",
-                "| donor | loss | weight |", "|---|---|---|",
-                *[f"| {d['donor']} | {_fmt(d['loss'])} | {_fmt(d['weight'])} |" for d in sel["donors"]], ""]
+        out += [f"### Selected for `{arm}` ({sel['strategy']} by {sel.get('metric', 'loss')}, k={sel['k']}, "
+                f"{sel['weighting']})", "",
+                "| donor | loss | token accuracy | weight |", "|---|---|---|---|",
+                *[f"| {d['donor']} | {_fmt(d['loss'])} | {_fmt(d.get('token_accuracy'))} | {_fmt(d['weight'])} |"
+                  for d in sel["donors"]], ""]
     held = "heldout" in data["rows"][0]
     out += ["## Results", "", f"Validation {m}, mean ± std over seeds at each arm's best LR. Parity: the first evaluation "
             f"at which the arm's mean reaches `{data['baseline']}`'s final value. Wall-clock to parity includes scoring and "
             "merge for recycled arms.", "",
-            "| arm | best LR | step-0 | final ± std | final loss | " + ("held-out ± std | " if held else "")
-            + "parity step (% budget) | wall-clock to parity |",
-            "|---|---|---|---|---|" + ("---|" if held else "") + "---|---|"]
+            "| arm | rank / alpha | trainable params | best LR | step-0 | final ± std | final loss | "
+            + ("held-out ± std | " if held else "") + "parity step (% budget) | wall-clock to parity |",
+            "|---|---|---|---|---|---|---|" + ("---|" if held else "") + "---|---|"]
     for r in data["rows"]:
         parity = "never" if r["parity_step"] is None else f"{r['parity_step']} ({r['parity_pct']:.0f}%)"
         secs = "—" if r["seconds_to_parity"] is None else f"{r['seconds_to_parity']:.1f}s"
         ho = f"{_fmt(r['heldout'])} ± {_fmt(r['heldout_std'])} | " if held else ""
-        out.append(f"| {r['arm']} | {r['lr'] if r['lr'] is not None else 'config'} | {_fmt(r['step0'])} | "
+        shape = "—" if r.get("rank") is None else f"{r['rank']} / {r['alpha']:g}"
+        params = "—" if r.get("trainable_params") is None else f"{r['trainable_params']:,}"
+        out.append(f"| {r['arm']} | {shape} | {params} | {r['lr'] if r['lr'] is not None else 'config'} | {_fmt(r['step0'])} | "
                    f"{_fmt(r['final'])} ± {_fmt(r['final_std'])} | {_fmt(r['final_loss'])} | {ho}{parity} | {secs} |")
     out += ["", "## Wall-clock per stage", "", "| stage | seconds |", "|---|---|",
             *[f"| {k} | {v:.1f} |" for k, v in data["timings"].items()], "", "## Curves", "",

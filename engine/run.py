@@ -49,7 +49,7 @@ class RunConfig(StrictModel):
     base: str
     donors: list[str] = Field(min_length=1)
     train: Path = Field(description="the new task's training data; scoring samples from it")
-    val: Path | None = Field(None, description="picks the best LR per arm; gives the curves and parity")
+    val: Path | None = Field(None, description="required: picks the best LR per arm; gives the curves and parity")
     eval: Path | None = Field(None, description="held-out final evaluation (multiple choice when it has choices)")
     score: dict[str, Any] = Field(default_factory=dict)
     select: dict[str, Any] = Field(default_factory=lambda: {"k": 2})
@@ -58,6 +58,9 @@ class RunConfig(StrictModel):
     arms: Arms = Field(default_factory=lambda: [ArmSpec(name="mashup"), ArmSpec(name="scratch", init="none")])
     baseline: str = "scratch"
     sweep: SweepSpec = Field(default_factory=SweepSpec)
+    match_scratch_rank: bool = Field(False, description="re-factor every merged arm (SVD of its ΔW) to finetune.lora's "
+                                                        "r and alpha, so every arm trains as many parameters at the "
+                                                        "same scale as a fresh LoRA")
 
     def stage(self, section: str, model_cls, fixed: dict[str, Any], extra: dict[str, Any] | None = None):
         """Validate one stage's section with the run's own values filled in; errors name `section.field`."""
@@ -73,23 +76,47 @@ class RunConfig(StrictModel):
         return self.stage("score", ScoreConfig, {"base": self.base, "donors": self.donors, "data": self.train,
                                                  "out": self.out / "score"})
 
-    def select_config(self, arm: ArmSpec):
+    def select_config(self, arm: ArmSpec, seed: int | None = None):
+        """A random-k arm draws again for each run seed: its select seed plus the run seed."""
         from engine.selection import SelectConfig
 
-        return self.stage("select", SelectConfig, {"scores": self.out / "score" / "scores.parquet",
-                                                   "out": self.arm_dir(arm) / "selection.json"}, arm.select)
+        home = self.merge_home(arm, seed)
+        config = self.stage("select", SelectConfig, {"scores": self.out / "score" / "scores.parquet",
+                                                     "out": home / "selection.json"}, arm.select)
+        return config.model_copy(update={"seed": config.seed + seed}) if self.draws_per_seed(arm) else config
 
-    def merge_config(self, arm: ArmSpec):
+    def merge_config(self, arm: ArmSpec, seed: int | None = None):
         from engine.merge import MergeConfig
 
-        return self.stage("merge", MergeConfig, {"selection": self.arm_dir(arm) / "selection.json",
-                                                 "out": self.arm_dir(arm) / "merged", "overwrite": True}, arm.merge)
+        home = self.merge_home(arm, seed)
+        extra = dict(arm.merge)
+        if self.match_scratch_rank:
+            lora = self.finetune_config(self.arms[0], None, self.sweep.seeds[0]).lora
+            extra = {"refactor_rank": lora.r, "refactor_alpha": lora.alpha, **extra}
+        return self.stage("merge", MergeConfig, {"selection": home / "selection.json",
+                                                 "out": home / "merged", "overwrite": True}, extra)
+
+    def draws_per_seed(self, arm: ArmSpec) -> bool:
+        """random-k is redrawn per seed: one draw reused by every seed would report one lucky (or unlucky) pick."""
+        return arm.init == "merge" and {**self.select, **arm.select}.get("strategy") == "random-k"
+
+    def merge_home(self, arm: ArmSpec, seed: int | None) -> Path:
+        """Where an arm's selection.json and merged/ live: the arm's folder, or draw-seed<S>/ inside it."""
+        if not self.draws_per_seed(arm):
+            return self.arm_dir(arm)
+        if seed is None:
+            raise ValueError(f"arm {arm.name} draws its donors per seed; a seed is needed")
+        return self.arm_dir(arm) / f"draw-seed{seed}"
+
+    def draw_seeds(self, arm: ArmSpec) -> list[int | None]:
+        """The seeds an arm selects and merges for: every run seed for a per-seed draw, else one shared merge."""
+        return list(self.sweep.seeds) if self.draws_per_seed(arm) else [None]
 
     def finetune_config(self, arm: ArmSpec, lr: float | None, seed: int):
         from engine.finetune import FinetuneConfig
 
         fixed = {"base": self.base, "data": str(self.train), "eval": str(self.val) if self.val else None,
-                 "init": str(self.arm_dir(arm) / "merged") if arm.init == "merge" else None, "seed": seed,
+                 "init": str(self.merge_home(arm, seed) / "merged") if arm.init == "merge" else None, "seed": seed,
                  "out": str(self.arm_dir(arm) / "runs" / run_name(lr, seed))}
         if lr is not None:
             fixed["lr"] = lr
@@ -103,16 +130,19 @@ class RunConfig(StrictModel):
 
     def check(self) -> None:
         """Every stage's config, validated before any expensive work."""
+        from engine.paths import check_paths
+
         if self.baseline not in {a.name for a in self.arms}:
             raise ConfigError(f"baseline: {self.baseline!r} is not one of the arms")
-        for path in (self.train, self.val, self.eval):
-            if path is not None and not Path(path).is_file():
-                raise ConfigError(f"data file not found: {path}")
+        if self.val is None:
+            raise ConfigError("val: required; the run picks each arm's LR, draws its curves and measures parity on a "
+                              "validation file (hold out a slice of train), so without one it refuses before any work")
+        check_paths(self, {"base": "base", "donors": "donors", "train": "file", "val": "file", "eval": "file"})
         score = self.score_config()
         for arm in self.arms:
             if arm.init == "merge":
-                self._check_cascade(score, arm, self.select_config(arm))
-                self.merge_config(arm)
+                self._check_cascade(score, arm, self.select_config(arm, self.sweep.seeds[0]))
+                self.merge_config(arm, self.sweep.seeds[0])
             for lr in self.lrs():
                 self.finetune_config(arm, lr, self.sweep.seeds[0])
         self.check_data()
@@ -213,13 +243,19 @@ def prepare(cfg: RunConfig) -> Timings:
     for arm in cfg.arms:
         if arm.init != "merge":
             continue
-        t0 = time.perf_counter()
-        select_with_config(cfg.select_config(arm))
-        merge_cfg = cfg.merge_config(arm)
-        if not _merge_is_current(cfg.arm_dir(arm), merge_cfg):
-            merge_with_config(merge_cfg)
-        timings.add(f"select+merge:{arm.name}", time.perf_counter() - t0)
+        for seed in cfg.draw_seeds(arm):
+            t0 = time.perf_counter()
+            select_with_config(cfg.select_config(arm, seed))
+            merge_cfg = cfg.merge_config(arm, seed)
+            if not _merge_is_current(cfg.merge_home(arm, seed), merge_cfg):
+                merge_with_config(merge_cfg)
+            timings.add(merge_timing_key(arm.name, seed), time.perf_counter() - t0)
     return timings
+
+
+def merge_timing_key(arm: str, seed: int | None) -> str:
+    """timings.json key of an arm's select+merge; a per-seed draw has one per seed."""
+    return f"select+merge:{arm}" if seed is None else f"select+merge:{arm}/draw-seed{seed}"
 
 
 def pending_runs(cfg: RunConfig) -> list[tuple[ArmSpec, float | None, int]]:

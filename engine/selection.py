@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 BASE_ROW = "__base__"
 Strategy = Literal["top-k", "random-k", "worst-k", "all"]
 STRATEGIES: tuple[str, ...] = ("top-k", "random-k", "worst-k", "all")
+Metric = Literal["loss", "token_accuracy"]
+METRICS: tuple[str, ...] = ("loss", "token_accuracy")
 
 
 class SelectConfig(StrictModel):
@@ -35,6 +37,9 @@ class SelectConfig(StrictModel):
     out: Path | None = None
     k: int | None = Field(None, ge=1)
     strategy: Strategy = "top-k"
+    metric: Metric = Field("loss", description="what ranks the donors: loss (lower first, our default) or "
+                                               "token_accuracy (higher first, the Mashup authors' default); "
+                                               "ties are broken by loss, then by name")
     below_base: bool = False
     seed: int = 0
     weighting: Weighting = "uniform"
@@ -57,14 +62,17 @@ class SelectedDonor(StrictModel):
     loss: float
     weight: float
     path: str | None = None
+    token_accuracy: float | None = None
     fingerprint: str | None = None  # the content fingerprint of the files that were scored (engine.adapter)
 
 
 class Selection(StrictModel):
-    """selection.json (DESIGN.md §2); `path` per donor and `temperature` are our documented extensions."""
+    """selection.json (docs/contracts.md, "selection.json"); `path` and `token_accuracy` per donor, `metric` and
+    `temperature` are our documented extensions."""
 
     k: int
     strategy: str
+    metric: str = "loss"
     weighting: str
     penalty: float | None
     temperature: float | None = None
@@ -144,15 +152,36 @@ def donor_step(meta: object) -> float | None:
     return float(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else None
 
 
+def rank_key(metric: str):
+    """Best first by `metric`; ties broken by loss, then by name, so every ranking is reproducible."""
+    if metric == "token_accuracy":
+        return lambda c: (-c["token_accuracy"], c["loss"], c["donor"])
+    return lambda c: (c["loss"], c["donor"])
+
+
+def worst_key(metric: str):
+    """Worst first by `metric` (the worst-k ablation); ties broken by the higher loss, then by name."""
+    if metric == "token_accuracy":
+        return lambda c: (c["token_accuracy"], -c["loss"], c["donor"])
+    return lambda c: (-c["loss"], c["donor"])
+
+
+def better_than_base(candidate: dict, base: dict, metric: str) -> bool:
+    """`below_base` in the selection metric's direction: a lower loss, or a higher token accuracy."""
+    if metric == "token_accuracy":
+        return candidate["token_accuracy"] > base["token_accuracy"]
+    return candidate["loss"] < base["loss"]
+
+
 def pick(candidates: list[dict], config: SelectConfig) -> list[dict]:
-    """Apply the strategy; candidates arrive sorted by (loss, donor) so ties break by name, reproducibly."""
+    """Apply the strategy; candidates arrive best first by the metric (`rank_key`) so ties break reproducibly."""
     k = len(candidates) if config.strategy == "all" else min(config.k or 0, len(candidates))
     if config.strategy != "all" and (config.k or 0) > len(candidates):
         log.warning("k=%d but only %d donors qualify; selecting %d", config.k, len(candidates), k)
     if config.strategy in ("top-k", "all"):
         return candidates[:k]
     if config.strategy == "worst-k":
-        return sorted(candidates, key=lambda c: (-c["loss"], c["donor"]))[:k]
+        return sorted(candidates, key=worst_key(config.metric))[:k]
     by_name = sorted(candidates, key=lambda c: c["donor"])
     return random.Random(config.seed).sample(by_name, k)
 
@@ -169,6 +198,7 @@ def select_with_config(config: SelectConfig) -> Selection:
     ok = rows[rows["status"] == "ok"].drop_duplicates(subset="donor", keep="last")
     base = ok[ok["donor"] == BASE_ROW]
     base_loss = float(base["loss"].iloc[-1]) if len(base) else None
+    base_row = {"loss": base_loss, "token_accuracy": _float(base["token_accuracy"].iloc[-1]) if len(base) else None}
     if base_loss is None:
         if config.below_base:
             raise DataError(f"scores: no ok {BASE_ROW} row, so below_base cannot be applied")
@@ -176,18 +206,22 @@ def select_with_config(config: SelectConfig) -> Selection:
 
     candidates = []
     for row in ok[ok["donor"] != BASE_ROW].to_dict("records"):
-        loss = float(row["loss"])
-        if not math.isfinite(loss) or (config.below_base and not loss < base_loss):
+        loss, accuracy = float(row["loss"]), _float(row.get("token_accuracy"))
+        if not math.isfinite(loss) or (config.metric == "token_accuracy" and accuracy is None):
             continue
         path = row.get("path")
         missing_path = path is None or (isinstance(path, float) and math.isnan(path))
         fp = row.get("donor_sha256")
-        candidates.append({"donor": str(row["donor"]), "loss": loss, "path": None if missing_path else str(path),
-                           "step": donor_step(row.get("meta")), "fingerprint": fp if isinstance(fp, str) else None})
+        candidate = {"donor": str(row["donor"]), "loss": loss, "token_accuracy": accuracy,
+                     "path": None if missing_path else str(path), "step": donor_step(row.get("meta")),
+                     "fingerprint": fp if isinstance(fp, str) else None}
+        if config.below_base and not better_than_base(candidate, base_row, config.metric):
+            continue
+        candidates.append(candidate)
     if not candidates:
-        why = " with a loss below the base loss" if config.below_base else ""
+        why = f" better than the base by {config.metric}" if config.below_base else ""
         raise DataError(f"scores: no donor with status ok{why} in {config.scores}")
-    candidates.sort(key=lambda c: (c["loss"], c["donor"]))
+    candidates.sort(key=rank_key(config.metric))
     full_donors = int((ok["donor"] != BASE_ROW).sum())
     if stopped and config.k is not None and config.k > full_donors:
         raise DataError(f"k: {config.k} exceeds the {full_donors} donors the cascade scored on the full sample; "
@@ -201,9 +235,10 @@ def select_with_config(config: SelectConfig) -> Selection:
     penalty = (1.0 if config.penalty is None else config.penalty) if config.weighting in ("mwa", "mwa-steps") else None
     temperature = (1.0 if config.temperature is None else config.temperature) if config.weighting == "softmax" else None
     selection = Selection(
-        k=len(chosen), strategy=config.strategy, weighting=config.weighting, penalty=penalty,
+        k=len(chosen), strategy=config.strategy, metric=config.metric, weighting=config.weighting, penalty=penalty,
         temperature=temperature, base_loss=base_loss,
-        donors=[SelectedDonor(donor=c["donor"], loss=c["loss"], weight=w, path=c["path"], fingerprint=c["fingerprint"])
+        donors=[SelectedDonor(donor=c["donor"], loss=c["loss"], weight=w, path=c["path"],
+                              token_accuracy=c["token_accuracy"], fingerprint=c["fingerprint"])
                 for c, w in zip(chosen, weights)],
     )
     if config.out is not None:
@@ -211,11 +246,21 @@ def select_with_config(config: SelectConfig) -> Selection:
     return selection
 
 
+def _float(value: object) -> float | None:
+    """A finite float, or None for a missing or NaN store value."""
+    try:
+        x = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
 def select(
     scores: str | Path,
     *,
     k: int | None = None,
     strategy: str | None = None,
+    metric: str | None = None,
     below_base: bool | None = None,
     seed: int | None = None,
     weighting: str | None = None,
@@ -226,6 +271,6 @@ def select(
     """Script-friendly `mashup select`: options left as None take SelectConfig's defaults; writes `out` if given."""
     from engine.config import validate
 
-    options = dict(scores=scores, k=k, strategy=strategy, below_base=below_base, seed=seed, weighting=weighting,
+    options = dict(scores=scores, k=k, strategy=strategy, metric=metric, below_base=below_base, seed=seed, weighting=weighting,
                    penalty=penalty, temperature=temperature, out=out)
     return select_with_config(validate(SelectConfig, {k_: v for k_, v in options.items() if v is not None}, "select"))

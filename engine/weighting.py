@@ -1,7 +1,7 @@
 """Donor weights for the merge: uniform, loss-penalised (MWA), checkpoint-step and softmax weightings.
 
-Every weighting returns weights that sum to 1 (DESIGN.md §2), computed in log space so that large penalties or
-tiny temperatures concentrate the weight instead of overflowing to inf/NaN.
+Every weighting returns weights that sum to 1 (docs/contracts.md, "selection.json"), computed in log space so
+that large penalties or tiny temperatures concentrate the weight instead of overflowing to inf/NaN.
 """
 from __future__ import annotations
 

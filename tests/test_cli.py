@@ -32,7 +32,7 @@ def test_missing_data_file(tmp_path, capsys, base_dir, pool_dir):
     assert main(["score", "--base", str(base_dir), "--donors", str(pool_dir), "--data", str(tmp_path / "nope.jsonl"),
                  "--out", str(tmp_path / "o")]) == 2
     [line] = err_lines(capsys)
-    assert "data file not found" in line
+    assert "data: file does not exist" in line
 
 
 @pytest.mark.parametrize("content,phrase", [("", "empty"), ('{"prompt": "a", "completion": ""}\n', "empty completion"),
@@ -94,14 +94,35 @@ def test_config_errors_name_the_field(tmp_path, capsys, command, config, phrase)
 
 
 @pytest.mark.parametrize("argv,phrase", [
-    (["merge", "--selection", "{tmp}/nope.json", "--out", "{tmp}/m"], "selection: file not found"),
-    (["select", "--scores", "{tmp}/nope/scores.parquet", "--k", "1", "--out", "{tmp}/s.json"], "scores: not found"),
-    (["finetune", "--base", "{tmp}/nope", "--data", "{tmp}/d.jsonl", "--out", "{tmp}/o"], "base: not a directory"),
+    (["merge", "--selection", "{tmp}/nope.json", "--out", "{tmp}/m"], "selection: file does not exist: {tmp}/nope.json"),
+    (["merge", "--donors", "{tmp}/nope", "--out", "{tmp}/m"], "donors: folder does not exist: {tmp}/nope"),
+    (["select", "--scores", "{tmp}/nope/scores.parquet", "--k", "1", "--out", "{tmp}/s.json"],
+     "scores: path does not exist: {tmp}/nope/scores.parquet"),
+    (["finetune", "--base", "{tmp}/nope", "--data", "{tmp}/d.jsonl", "--out", "{tmp}/o"],
+     "base: folder does not exist: {tmp}/nope"),
+    (["finetune", "--base", "{tmp}", "--data", "{tmp}/d.jsonl", "--out", "{tmp}/o"], "base: {tmp} is not a model folder"),
+    (["score", "--base", "{tmp}/nope", "--donors", "{tmp}", "--data", "{tmp}/d.jsonl", "--out", "{tmp}/o"],
+     "base: folder does not exist: {tmp}/nope"),
+    (["score", "--base", "{base}", "--donors", "{tmp}/pool", "--data", "{tmp}/d.jsonl", "--out", "{tmp}/o"],
+     "donors: path does not exist: {tmp}/pool"),
 ])
-def test_missing_files_are_one_line(tmp_path, capsys, argv, phrase):
-    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+def test_missing_files_are_one_line(tmp_path, capsys, base_dir, argv, phrase):
+    """A mistyped path is one line naming the field, for every command (a missing --base used to reach
+    huggingface_hub, which took it for a repo id and printed four chained tracebacks)."""
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a", "completion": " b"}\n')
+    assert main([a.format(tmp=tmp_path, base=base_dir) for a in argv]) == 2
     [line] = err_lines(capsys)
-    assert phrase in line, line
+    assert phrase.format(tmp=tmp_path) in line, line
+    assert "Traceback" not in line
+
+
+def test_version_prints_the_installed_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mashup {version('mashup')}"
 
 
 @pytest.mark.parametrize("field,kind", [("train", "empty"), ("val", "empty"), ("val", "empty_completion"),
@@ -109,7 +130,7 @@ def test_missing_files_are_one_line(tmp_path, capsys, argv, phrase):
 def test_run_checks_every_data_file_before_any_stage(tmp_path, capsys, base_dir, pool_dir, task_file, field, kind):
     import yaml
 
-    bad, phrase = (tmp_path / "nope.jsonl", "data file not found") if kind == "missing" else write_bad_data(tmp_path, kind)
+    bad, phrase = (tmp_path / "nope.jsonl", f"{field}: file does not exist") if kind == "missing" else write_bad_data(tmp_path, kind)
     cfg = {"out": str(tmp_path / "run"), "base": str(base_dir), "donors": [str(pool_dir)],
            "train": str(task_file), "val": str(task_file), "eval": str(task_file), field: str(bad)}
     path = tmp_path / "run.yaml"
@@ -118,3 +139,17 @@ def test_run_checks_every_data_file_before_any_stage(tmp_path, capsys, base_dir,
     [line] = err_lines(capsys)
     assert phrase in line and str(bad) in line, line
     assert not (tmp_path / "run").exists(), "a stage ran before the data was checked"
+
+
+def test_run_without_val_is_refused_before_any_stage(tmp_path, capsys, base_dir, pool_dir, task_file):
+    """Without `val` the run used to train every arm and then crash in the report on an empty eval frame."""
+    import yaml
+
+    cfg = {"out": str(tmp_path / "run"), "base": str(base_dir), "donors": [str(pool_dir)],
+           "train": str(task_file), "eval": str(task_file)}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", "--config", str(path)]) == 2
+    [line] = err_lines(capsys)
+    assert line.startswith("mashup run: error: val: required"), line
+    assert not (tmp_path / "run").exists()

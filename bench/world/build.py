@@ -35,6 +35,7 @@ class WorldSpec(StrictModel):
     donor_tasks: list[str] | None = Field(None, description="None: every task (each target's pool leaves its own task out)")
     donor_seeds: int = 1
     shared_init: bool = Field(False, description="donors share one LoRA init seed (pilot: merges better)")
+    threads: int = Field(2, ge=1, description="torch threads while building, whatever the machine (determinism)")
     donor_steps: int = 120
     donor_batch: int = 16
     donor_lr: float = 3e-3
@@ -146,8 +147,20 @@ def train_donors(spec: WorldSpec, out: Path, base: Path, folders: dict[str, Path
     return entries
 
 
+def deterministic(threads: int) -> None:
+    """A world's bytes must not depend on the machine's core count: a fixed number of torch threads (float sums are
+    reduced in a thread-count-dependent order), deterministic kernels, a fixed global seed. What remains is the CPU's
+    instruction set and the torch version, which README states as the spread to expect."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(0)
+
+
 def build(spec: WorldSpec, out: Path) -> Path:
     """Everything a run needs; returns the world folder (with world.json describing it)."""
+    deterministic(spec.threads)
     out.mkdir(parents=True, exist_ok=True)
     base = build_base(spec, out)
     folders = write_splits(spec, out)

@@ -28,12 +28,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from engine.config import build_config
     from engine.finetune import FinetuneConfig, finetune
+    from engine.paths import check_paths
 
     keys = (
         "base", "data", "init", "eval", "out", "executor", "steps", "batch_size", "grad_accum", "lr", "seed",
         "eval_every", "save_every", "overwrite", "ray_address",
     )
     cfg = build_config(FinetuneConfig, args.config, {k: getattr(args, k) for k in keys})
+    check_paths(cfg, {"base": "base", "data": "file", "eval": "file", "init": "adapter"})
     result = finetune(cfg)
     losses = result.train_losses()
     print(f"finetuned {len(losses)} steps in {result.seconds:.1f}s -> {result.adapter}")

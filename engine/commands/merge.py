@@ -20,6 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sign election for ties and dare_ties (default total)")
     p.add_argument("--seed", type=int, help="seed of the dare masks (default 0)")
     p.add_argument("--svd-rank", dest="svd_rank", type=int, help="rank of the svd merge (default: largest donor rank)")
+    p.add_argument("--refactor-rank", dest="refactor_rank", type=int,
+                   help="re-factor each merged module's ΔW to this rank by SVD (e.g. the scratch LoRA's r)")
+    p.add_argument("--refactor-alpha", dest="refactor_alpha", type=float,
+                   help="lora_alpha of the re-factored adapter (default: the rank, so scale 1)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out folder")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="force the progress bar on/off")
     p.set_defaults(handler=run)
@@ -31,10 +35,12 @@ def run(args: argparse.Namespace) -> int:
     from engine.config import build_config
     from engine.merge.config import MergeConfig
     from engine.merge.streaming import MERGE_INFO_FILE, merge_with_config
+    from engine.paths import check_paths
 
     keys = ("selection", "donors", "weights", "method", "out", "dtype", "density", "majority_sign", "seed",
-            "svd_rank", "overwrite", "progress")
+            "svd_rank", "refactor_rank", "refactor_alpha", "overwrite", "progress")
     config = build_config(MergeConfig, args.config, {k: getattr(args, k) for k in keys})
+    check_paths(config, {"selection": "file", "donors": "adapter"})
     out = merge_with_config(config)
     info = json.loads((out / MERGE_INFO_FILE).read_text())
     print(f"merged {len(info['donors'])} donors ({info['method']}, r={info['r']}, {info['dtype']}) -> {out}")

@@ -58,7 +58,7 @@ def load_task(cfg: FinetuneConfig, tokenizer: Any, max_length: int | None) -> Ta
 
 
 def load_tokenizer(cfg: FinetuneConfig) -> Any:
-    """The base's own tokenizer: the tokenization contract (DESIGN.md §2) must match the one scoring used."""
+    """The base's own tokenizer: the tokenization contract (docs/contracts.md, "Task data") must match scoring's."""
     from transformers import AutoTokenizer
 
     if not Path(cfg.base).is_dir():

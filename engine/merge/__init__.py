@@ -1,4 +1,4 @@
-"""Streaming LoRA merges with a method registry (DESIGN.md §3).
+"""Streaming LoRA merges with a method registry (docs/contracts.md, "Merge semantics").
 
 `engine.merge(...)` is the Python API. It is also the name of this package, and importing a submodule makes
 Python bind `engine.merge` to the package, so the package itself is made callable: both spellings keep working.
@@ -27,6 +27,8 @@ def merge(
     majority_sign: str | None = None,
     seed: int | None = None,
     svd_rank: int | None = None,
+    refactor_rank: int | None = None,
+    refactor_alpha: float | None = None,
     overwrite: bool | None = None,
     progress: bool | None = None,
 ) -> Path:
@@ -37,7 +39,7 @@ def merge(
     options = dict(donors=[str(d) for d in donors] if donors is not None else None, out=out,
                    weights=list(weights) if weights is not None else None, selection=selection, method=method,
                    dtype=dtype, density=density, majority_sign=majority_sign, seed=seed, svd_rank=svd_rank,
-                   overwrite=overwrite, progress=progress)
+                   refactor_rank=refactor_rank, refactor_alpha=refactor_alpha, overwrite=overwrite, progress=progress)
     config = validate(MergeConfig, {k: v for k, v in options.items() if v is not None}, "merge")
     return merge_with_config(config)
 

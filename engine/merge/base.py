@@ -2,7 +2,7 @@
 
 The driver (streaming.py) owns files, order and memory; a method only says how one donor's (A, B) pair of one
 module updates that module's state, and how the state becomes the merged (A, B). That split is what lets every
-method stream with memory that does not grow with the number of donors (DESIGN.md §3).
+method stream with memory that does not grow with the number of donors (docs/contracts.md, "Merge semantics").
 """
 from __future__ import annotations
 

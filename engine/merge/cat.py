@@ -1,4 +1,6 @@
-"""`cat`: the exact ΔW = Σ w_i s_i B_i A_i, by stacking the donors' ranks (rank = Σ r_i, DESIGN.md §3).
+"""`cat`: the exact ΔW = Σ w_i s_i B_i A_i, by stacking the donors' ranks (rank = Σ r_i).
+
+Semantics: docs/contracts.md, "Merge semantics".
 
 Donor i owns rows offset_i .. offset_i + r_i of A (scaled by w_i s_i, as PEFT does) and the same columns of B; a
 donor without the module leaves its block zero. The output grows with N by construction of the method.

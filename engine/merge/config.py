@@ -30,6 +30,9 @@ class MergeConfig(StrictModel):
     overwrite: bool = False
     progress: bool | None = None  # None: a bar for merges of 50+ donor reads
     accumulator_mb: float = Field(512, gt=0)  # float32 state held at once; modules beyond it take another pass
+    refactor_rank: int | None = Field(None, ge=1, description="re-factor each merged module's ΔW to this rank by SVD "
+                                                             "(e.g. the scratch LoRA's r, so every arm trains alike)")
+    refactor_alpha: float | None = Field(None, gt=0, description="lora_alpha after refactor_rank (default: the rank)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "MergeConfig":
@@ -44,6 +47,8 @@ class MergeConfig(StrictModel):
                 raise ValueError(f"weights: {len(self.weights)} values for {len(self.donors)} donors")
             if any(not math.isfinite(w) or w < 0 for w in self.weights) or not sum(self.weights) > 0:
                 raise ValueError("weights: must be finite, >= 0, and not all zero")
+        if self.refactor_alpha is not None and self.refactor_rank is None:
+            raise ValueError("refactor_alpha: only with refactor_rank")
         method = get_method(self.method)
         for option in OPTION_FIELDS:
             if getattr(self, option) is not None and option not in method.options:

@@ -1,4 +1,4 @@
-"""`linear`, the Mashup default: A = Σ w_i A_i and B = Σ w_i B_i per module (DESIGN.md §3).
+"""`linear`, the Mashup default: A = Σ w_i A_i and B = Σ w_i B_i per module (docs/contracts.md, "Merge semantics").
 
 Unlike PEFT's `linear`, which scales both factors by sqrt(w_i s_i), this is the plain weighted mean of the factors;
 the two agree on ΔW only for uniform weights and equal scales. Differing scales are folded into B (alpha = r).

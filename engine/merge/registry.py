@@ -15,6 +15,7 @@ METHODS: dict[str, str] = {
     "ties": "engine.merge.ties:TIES",
     "dare_linear": "engine.merge.dare_linear:DARE_LINEAR",
     "dare_ties": "engine.merge.dare_ties:DARE_TIES",
+    "random-norm": "engine.merge.random_norm:RANDOM_NORM",
 }
 
 

@@ -1,4 +1,6 @@
-"""The TIES / DARE family as PEFT's `add_weighted_adapter` defines it, rewritten to stream (DESIGN.md §3).
+"""The TIES / DARE family as PEFT's `add_weighted_adapter` defines it, rewritten to stream.
+
+Semantics: docs/contracts.md, "Merge semantics".
 
 PEFT merges lora_A and lora_B separately: each factor of donor i is pruned (magnitude top-k for TIES, a random
 keep-mask rescaled by 1/density for DARE), weighted by sqrt(w_i s_i), and either summed (dare_linear) or, after a

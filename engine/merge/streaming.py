@@ -24,6 +24,7 @@ from engine.merge.donors import (
 from engine.merge.io import (
     DonorHasher, Float32Staging, SafetensorsStreamWriter, atomic_output_dir, open_donor, write_json,
 )
+from engine.merge.refactor import lora_scale, refactor_module
 from engine.merge.registry import get_method
 
 log = logging.getLogger(__name__)
@@ -141,8 +142,11 @@ def _shared_scale(donors: Sequence[Donor]) -> bool:
 
 def stream_modules(donors: Sequence[Donor], weights: Sequence[float], method: MergeMethod, options: MergeOptions,
                    groups: Sequence[Sequence[ModuleSpec]], rank: int, writer: SafetensorsStreamWriter,
-                   progress: bool) -> None:
-    """The hot loop: per group, per pass, per donor (one open file), per module: `method.add`."""
+                   progress: bool, refactor: tuple[float, int, float] | None = None) -> None:
+    """The hot loop: per group, per pass, per donor (one open file), per module: `method.add`.
+
+    `refactor` = (the method's output scale, rank, alpha): each finished module is re-factored before it is written.
+    """
     from tqdm.auto import tqdm
 
     staging = Float32Staging()
@@ -164,6 +168,8 @@ def stream_modules(donors: Sequence[Donor], weights: Sequence[float], method: Me
                     bar.update()
             for module in group:
                 lora_A, lora_B = method.finish(states.pop(module.name))
+                if refactor is not None:
+                    lora_A, lora_B = refactor_module(module.name, lora_A, lora_B, *refactor)
                 if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
                     raise MashupError(f"merged module {module.name} is not finite: a donor holds NaN/Inf weights")
                 writer.write(module.a_key, lora_A)
@@ -192,17 +198,23 @@ def merge_with_config(config: MergeConfig) -> Path:
     dtype = output_dtype(donors, config.dtype)
     modules = union_modules(donors)
     groups = group_modules(modules, method, rank, int(config.accumulator_mb * 2**20))
+    out_rank = config.refactor_rank or rank
     layout = [(key, shape) for group in groups for m in group
-              for key, shape in ((m.a_key, m.a_shape(rank)), (m.b_key, m.b_shape(rank)))]
+              for key, shape in ((m.a_key, m.a_shape(out_rank)), (m.b_key, m.b_shape(out_rank)))]
     progress = config.progress
     if progress is None:
         progress = len(groups) * method.passes * len(donors) >= PROGRESS_MIN_READS
     adapter_config = merged_adapter_config(donors, method, options, rank, modules)
+    refactor = None
+    if config.refactor_rank is not None:
+        alpha = config.refactor_alpha if config.refactor_alpha is not None else float(config.refactor_rank)
+        refactor = (lora_scale(adapter_config), config.refactor_rank, alpha)
+        adapter_config.update(r=config.refactor_rank, lora_alpha=alpha, use_rslora=False)
 
     with atomic_output_dir(config.out, config.overwrite) as tmp, DonorHasher([d.weight_file for d in donors]) as hasher:
         writer = SafetensorsStreamWriter(tmp / WEIGHT_FILE, layout, dtype)
         try:
-            stream_modules(donors, weights, method, options, groups, rank, writer, progress)
+            stream_modules(donors, weights, method, options, groups, rank, writer, progress, refactor)
             writer.close()
         except BaseException:
             writer.abort()
@@ -221,6 +233,7 @@ def merge_with_config(config: MergeConfig) -> Path:
             "paths": [str(p) for p in paths],
             "engine_version": __version__,
             "options": {name: getattr(options, name) for name in sorted(method.options)},
+            "refactor": None if refactor is None else {"method_r": rank, "r": refactor[1], "lora_alpha": refactor[2]},
             "r": adapter_config["r"],
             "lora_alpha": adapter_config["lora_alpha"],
             "dtype": str(dtype).removeprefix("torch."),

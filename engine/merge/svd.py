@@ -1,4 +1,6 @@
-"""`svd`: the exact ΔW = Σ w_i s_i B_i A_i, truncated to rank r by SVD per module (DESIGN.md §3).
+"""`svd`: the exact ΔW = Σ w_i s_i B_i A_i, truncated to rank r by SVD per module.
+
+Semantics: docs/contracts.md, "Merge semantics".
 
 ΔW is accumulated densely (out × in float32 per module), which keeps memory flat in N; r defaults to the
 largest donor rank, as in PEFT. B = U_r diag(S_r) and A = V_r^T, also as in PEFT, so alpha = r.

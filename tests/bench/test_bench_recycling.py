@@ -37,7 +37,10 @@ def test_bench_smoke_completes_and_writes_tables(smoke_world, tmp_path, ray_loca
     assert [r["arm"] for r in data["average"]] == arms
     assert set(data["targets"]) == {"rev+dropf"}
     table = (tmp_path / "results" / "recycling.md").read_text()
-    assert "| arm | step-0 | final ± std |" in table and all(f"| {a} |" in table for a in arms)
+    assert "| arm | rank / alpha (trainable params) | step-0 | final ± std |" in table
+    assert all(f"| {a} |" in table for a in arms)
+    shapes = {r["arm"]: (r["rank"], r["alpha"]) for r in data["average"]}
+    assert shapes["scratch"] == (8, 16) and shapes["top2-cat"] == (16, 16)  # cat: rank Σ r_i at scale 1
     assert (tmp_path / "results" / "recycling_curves.png").stat().st_size > 0
     assert (tmp_path / "runs" / "rev+dropf" / "report.md").exists()
     assert pending_runs(cfg.run_config("rev+dropf")) == []

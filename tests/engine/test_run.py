@@ -42,6 +42,51 @@ def test_report_has_every_part(finished):
     results = json.loads((finished / "results.json").read_text())
     assert {r["arm"] for r in results["rows"]} == {"mashup", "scratch"}
     assert all(r["lr"] in (1e-3, 3e-3) for r in results["rows"])
+    assert "| rank / alpha | trainable params |" in report and "rank by token accuracy" in report
+    assert "Selected for `mashup` (top-k by loss" in report
+
+
+def test_report_gives_each_arms_rank_alpha_and_trainable_parameters(finished, base_dir):
+    """Counted independently: PEFT's own trainable parameters for scratch's fresh LoRA and for the merged init."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    rows = {r["arm"]: r for r in json.loads((finished / "results.json").read_text())["rows"]}
+    scratch = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base_dir)),
+                             LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir)),
+                                       str(finished / "arms" / "mashup" / "merged"), is_trainable=True)
+
+    def trainable(model):
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    assert (rows["scratch"]["rank"], rows["scratch"]["alpha"]) == (4, 8)
+    assert rows["scratch"]["trainable_params"] == trainable(scratch)
+    assert (rows["mashup"]["rank"], rows["mashup"]["alpha"]) == (8, 16)  # the qv donors' r and alpha
+    assert rows["mashup"]["trainable_params"] == trainable(merged) == 2 * trainable(scratch)
+
+
+def test_random_k_draws_per_seed_and_match_scratch_rank_refactors(ray_local, run_config, tmp_path):
+    """Two seeds, two draws (each its own selection and merge, each run starting from its own); with
+    match_scratch_rank every merge is re-factored to finetune.lora's r and alpha."""
+    from engine.run import RunConfig, prepare
+
+    path, _ = run_config
+    data = yaml.safe_load(path.read_text())
+    data.update(out=str(tmp_path / "run"), sweep={"seeds": [0, 1]}, match_scratch_rank=True,
+                arms=[{"name": "random-1", "select": {"strategy": "random-k", "k": 1}}, {"name": "top", "select": {"k": 1}}],
+                baseline="top")
+    cfg = RunConfig.model_validate(data)
+    prepare(cfg)
+    random_arm, top_arm = cfg.arms
+    draws = [json.loads((cfg.arm_dir(random_arm) / f"draw-seed{s}" / "selection.json").read_text()) for s in (0, 1)]
+    assert [d["donors"][0]["donor"] for d in draws] == ["donor3", "donor1"]  # random.Random(0|1).sample of 3 names
+    assert {cfg.finetune_config(random_arm, None, s).init for s in (0, 1)} == {
+        str(cfg.arm_dir(random_arm) / f"draw-seed{s}" / "merged") for s in (0, 1)}
+    assert cfg.finetune_config(top_arm, None, 1).init == str(cfg.arm_dir(top_arm) / "merged")
+    for merged in [cfg.arm_dir(random_arm) / "draw-seed0" / "merged", cfg.arm_dir(top_arm) / "merged"]:
+        adapter = json.loads((merged / "adapter_config.json").read_text())
+        assert (adapter["r"], adapter["lora_alpha"]) == (4, 8), merged
 
 
 def test_merged_init_starts_at_its_scored_loss(finished, base_dir, tokenizer, task_file):

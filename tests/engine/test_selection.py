@@ -96,10 +96,22 @@ def test_mwa_steps_without_steps_names_the_donor(tmp_path):
         select(path, k=2, weighting="mwa-steps")
 
 
-def test_softmax_weights_and_temperature_are_recorded(scores):
-    selection = select(scores, k=2, weighting="softmax", temperature=0.1)
-    assert [d.weight for d in selection.donors] == pytest.approx([0.5, 0.5])
+def test_softmax_weights_and_temperature_are_recorded(tmp_path):
+    """Distinct losses, so only w_i = exp(-loss_i/T) / Σ_j exp(-loss_j/T) passes (uniform weights would not)."""
+    import math
+
+    losses = {"p": 0.50, "q": 0.60, "r": 0.80}
+    path = write_scores(tmp_path, [score_row("__base__", 1.0)] + [score_row(d, x) for d, x in losses.items()])
+    selection = select(path, k=3, weighting="softmax", temperature=0.1, out=tmp_path / "selection.json")
+    # By hand: exp(-5), exp(-6), exp(-8) over their sum = 0.7054, 0.2595, 0.0351.
+    total = math.exp(-5) + math.exp(-6) + math.exp(-8)
+    expected = [math.exp(-5) / total, math.exp(-6) / total, math.exp(-8) / total]
+    assert names(selection) == ["p", "q", "r"]
+    assert [d.weight for d in selection.donors] == pytest.approx(expected, rel=1e-12)
+    assert [round(d.weight, 4) for d in selection.donors] == [0.7054, 0.2595, 0.0351]
     assert selection.temperature == 0.1 and selection.penalty is None
+    written = json.loads((tmp_path / "selection.json").read_text())
+    assert written["temperature"] == 0.1 and [d["weight"] for d in written["donors"]] == pytest.approx(expected)
 
 
 def test_latest_row_of_a_donor_wins(tmp_path):
@@ -157,3 +169,33 @@ def test_rows_still_in_the_store_journal_are_selected(tmp_path):
     store.append([score_row("__base__", 1.0), score_row("a", 0.9), score_row("b", 0.4)])
     assert not (tmp_path / "scores.parquet").exists()
     assert names(select(tmp_path, k=1)) == ["b"]
+
+
+def accuracy_scores(folder: Path) -> Path:
+    """Loss and token accuracy disagree: by loss a < b < c < d, by accuracy c > b = d > a (b and d tied)."""
+    rows = [dict(score_row("__base__", 1.0), token_accuracy=0.40)]
+    for donor, loss, acc in (("a", 0.50, 0.30), ("b", 0.60, 0.70), ("c", 0.90, 0.80), ("d", 0.55, 0.70)):
+        rows.append(dict(score_row(donor, loss), token_accuracy=acc))
+    return write_scores(folder, rows)
+
+
+def test_token_accuracy_ranks_highest_first_and_breaks_ties_by_loss(tmp_path):
+    path = accuracy_scores(tmp_path)
+    assert names(select(path, k=3)) == ["a", "d", "b"]
+    by_acc = select(path, k=3, metric="token_accuracy", out=tmp_path / "sel.json")
+    assert names(by_acc) == ["c", "d", "b"]  # d before b: equal accuracy, lower loss
+    assert [d.token_accuracy for d in by_acc.donors] == [0.80, 0.70, 0.70]
+    written = json.loads((tmp_path / "sel.json").read_text())
+    assert written["metric"] == "token_accuracy" and written["donors"][0]["token_accuracy"] == 0.80
+    assert names(select(path, k=2, strategy="worst-k", metric="token_accuracy")) == ["a", "b"]
+    # below_base follows the metric: a's loss beats the base's 1.0 but its accuracy (0.30) does not beat 0.40
+    assert names(select(path, strategy="all", below_base=True, metric="token_accuracy")) == ["c", "d", "b"]
+    assert select(path, k=1).metric == "loss"
+
+
+def test_metric_flag_reaches_selection_json(tmp_path, capsys):
+    path = accuracy_scores(tmp_path)
+    out = tmp_path / "s.json"
+    assert main(["select", "--scores", str(path), "--k", "1", "--metric", "token_accuracy", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["donors"][0]["donor"] == "c"
+    assert "top-k by token_accuracy" in capsys.readouterr().out

@@ -5,6 +5,7 @@ checkpoint every step. (The merge's own kill test is tests/engine/merge/test_mer
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -17,7 +18,6 @@ import pytest
 from safetensors.torch import load_file
 
 import engine
-from engine.adapter import sha256_file
 from engine.atomic import atomic_dir, atomic_write_text
 from engine.cli import main
 from engine.errors import ConfigError
@@ -108,7 +108,8 @@ def merged(tmp_path_factory, pool_dir) -> Path:
 
 def test_merge_info_records_the_merged_adapters_own_sha256(merged):
     info = json.loads((merged / "merge_info.json").read_text())
-    assert info["adapter_sha256"] == sha256_file(merged / "adapter_model.safetensors")
+    # hashlib on the raw bytes, not engine.adapter.sha256_file (the function that wrote the field)
+    assert info["adapter_sha256"] == hashlib.sha256((merged / "adapter_model.safetensors").read_bytes()).hexdigest()
     assert check_init_dir(str(merged)) == merged
 
 
