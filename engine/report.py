@@ -16,10 +16,17 @@ from engine.atomic import atomic_write_text
 
 
 def _final_eval(cfg, run_dir: Path) -> dict[str, Any]:
-    """Held-out evaluation of a finished run's adapter, cached beside it."""
+    """Held-out evaluation of a finished run's adapter, cached beside it under a key of the adapter's content,
+    the eval file's bytes and the base's fingerprint: a retrained run or an edited eval file is evaluated again."""
+    from engine.adapter import fingerprint, sha256_file
+    from engine.identity import base_fingerprint, key_of
+
+    key = key_of([fingerprint(run_dir / "adapter"), sha256_file(cfg.eval), base_fingerprint(cfg.base)[1]])
     cache = run_dir / "final_eval.json"
     if cache.exists():
-        return json.loads(cache.read_text())
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            return cached["result"]
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -35,7 +42,7 @@ def _final_eval(cfg, run_dir: Path) -> dict[str, Any]:
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.base, dtype=torch.float32, use_safetensors=True),
                                       str(run_dir / "adapter"))
     result = evaluate(model, tok, load_jsonl(cfg.eval), chat_template=bool(ft.get("chat_template", False))).summary()
-    atomic_write_text(cache, json.dumps(result))
+    atomic_write_text(cache, json.dumps({"key": key, "result": result}))
     return result
 
 

@@ -129,7 +129,10 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     from engine.scoring_pool import ActorPoolRunner
     from engine.store import ScoreStore
 
+    from engine.paths import check_paths
+
     t0 = time.perf_counter()
+    check_paths(cfg, {"base": "base", "donors": "donors", "data": "file"})  # one line per typo, for the API too
     opts = cfg.backend_opts()
     cfg, base_fp = pin_base(cfg)
     sample = prepare_sample(cfg, base_fp)

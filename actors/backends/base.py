@@ -1,7 +1,7 @@
 """The contract every scoring backend implements, and the small value objects that cross the Ray boundary.
 
 A backend loads the base model once, keeps donors resident, and turns (donors, encoded sample) into per-donor
-sums. Sums, not means, so that the driver can add up partial results exactly (DESIGN.md §2 token-weighted loss).
+sums. Sums, not means, so that the driver can add up partial results exactly (docs/contracts.md, "Scores": a token-weighted loss).
 """
 from __future__ import annotations
 

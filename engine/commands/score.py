@@ -24,13 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from engine.config import build_config
-    from engine.paths import check_paths
     from engine.scoring import ScoreConfig, score
 
     keys = ("base", "donors", "data", "out", "samples", "seed", "backend", "actors", "donors_per_call", "ray_address",
             "strategy")
     cfg = build_config(ScoreConfig, args.config, {k: getattr(args, k) for k in keys})
-    check_paths(cfg, {"base": "base", "donors": "donors", "data": "file"})
     summary = score(cfg)
     print(
         f"scored {summary.scored}, failed {summary.failed}, already done {summary.skipped_done}, "

@@ -123,3 +123,20 @@ def test_a_changed_merge_option_remerges_and_retrains(ray_local, run_config):
     from engine.adapter import fingerprint
 
     assert ft_info["init_fingerprint"] == fingerprint(out / "run" / "arms/mashup/merged")
+
+
+def test_held_out_evaluation_is_redone_when_its_eval_file_changes(tmp_path, base_dir, pool_dir, task_file):
+    from types import SimpleNamespace
+
+    from engine.report import _final_eval
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(pool_dir / "qv" / "donor1", run_dir / "adapter")
+    eval_file = tmp_path / "eval.jsonl"
+    lines = task_file.read_text().splitlines()
+    eval_file.write_text("\n".join(lines[:6]) + "\n")
+    cfg = SimpleNamespace(base=str(base_dir), eval=eval_file)
+    first = _final_eval(cfg, run_dir)
+    assert _final_eval(cfg, run_dir) == first  # cached
+    eval_file.write_text("\n".join(lines[6:12]) + "\n")
+    assert _final_eval(cfg, run_dir) != first
