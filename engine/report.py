@@ -62,19 +62,17 @@ def trainable_shape(adapter: Path) -> dict[str, Any]:
 
 def _merge_overhead(timings: dict[str, float], cfg, spec) -> float:
     """Seconds of select+merge behind one run of the arm (one draw's, for arms drawn per seed)."""
-    from engine.run import merge_timing_key
 
-    spent = [timings.get(merge_timing_key(spec.name, seed), 0.0) for seed in cfg.draw_seeds(spec)]
+    spent = [timings.get(cfg.merge_timing_key(spec.name, seed), 0.0) for seed in cfg.draw_seeds(spec)]
     return sum(spent) / len(spent)
 
 
 def collect(cfg) -> dict[str, Any]:
-    from engine.run import run_name
     from engine.store import read_scores
 
     arms: dict[str, ArmRuns] = {}
     for arm in cfg.arms:
-        candidates = [load_runs(arm.name, lr, {s: cfg.arm_dir(arm) / "runs" / run_name(lr, s) for s in cfg.sweep.seeds})
+        candidates = [load_runs(arm.name, lr, {s: cfg.run_dir(arm, lr, s) for s in cfg.sweep.seeds})
                       for lr in cfg.lrs()]
         arms[arm.name] = best_lr(candidates)
     metric = arms[cfg.baseline].metric_name()
@@ -96,10 +94,10 @@ def collect(cfg) -> dict[str, Any]:
             "parity_pct": None if step is None else 100.0 * step / max(1, int(curve.index.max())),
             "seconds_to_parity": None if step is None else overhead + seconds_at(runs, step),
             "overhead_seconds": overhead,
-            **trainable_shape(cfg.arm_dir(spec) / "runs" / run_name(runs.lr, next(iter(runs.curves))) / "adapter"),
+            **trainable_shape(cfg.run_dir(spec, runs.lr, next(iter(runs.curves))) / "adapter"),
         }
         if cfg.eval is not None:
-            evals = [_final_eval(cfg, cfg.arm_dir(spec) / "runs" / run_name(runs.lr, s)) for s in runs.curves]
+            evals = [_final_eval(cfg, cfg.run_dir(spec, runs.lr, s)) for s in runs.curves]
             key = "accuracy" if evals[0].get("accuracy") is not None else "loss"
             row["heldout_metric"] = key
             row["heldout"], row["heldout_std"] = mean_std([e[key] for e in evals])

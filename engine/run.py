@@ -117,13 +117,22 @@ class RunConfig(StrictModel):
 
         fixed = {"base": self.base, "data": str(self.train), "eval": str(self.val) if self.val else None,
                  "init": str(self.merge_home(arm, seed) / "merged") if arm.init == "merge" else None, "seed": seed,
-                 "out": str(self.arm_dir(arm) / "runs" / run_name(lr, seed))}
+                 "out": str(self.run_dir(arm, lr, seed))}
         if lr is not None:
             fixed["lr"] = lr
         return self.stage("finetune", FinetuneConfig, fixed)
 
     def arm_dir(self, arm: ArmSpec) -> Path:
         return self.out / "arms" / arm.name
+
+    def run_dir(self, arm: ArmSpec, lr: float | None, seed: int) -> Path:
+        """One finetune run's folder: arms/<arm>/runs/lr<lr>_seed<seed>."""
+        return self.arm_dir(arm) / "runs" / run_name(lr, seed)
+
+    @staticmethod
+    def merge_timing_key(arm: str, seed: int | None) -> str:
+        """timings.json key of an arm's select+merge; a per-seed draw has one per seed."""
+        return f"select+merge:{arm}" if seed is None else f"select+merge:{arm}/draw-seed{seed}"
 
     def lrs(self) -> list[float | None]:
         return list(self.sweep.lrs) if self.sweep.lrs else [None]
@@ -249,13 +258,8 @@ def prepare(cfg: RunConfig) -> Timings:
             merge_cfg = cfg.merge_config(arm, seed)
             if not _merge_is_current(cfg.merge_home(arm, seed), merge_cfg):
                 merge_with_config(merge_cfg)
-            timings.add(merge_timing_key(arm.name, seed), time.perf_counter() - t0)
+            timings.add(cfg.merge_timing_key(arm.name, seed), time.perf_counter() - t0)
     return timings
-
-
-def merge_timing_key(arm: str, seed: int | None) -> str:
-    """timings.json key of an arm's select+merge; a per-seed draw has one per seed."""
-    return f"select+merge:{arm}" if seed is None else f"select+merge:{arm}/draw-seed{seed}"
 
 
 def pending_runs(cfg: RunConfig) -> list[tuple[ArmSpec, float | None, int]]:

@@ -1,20 +1,14 @@
 """`finetune(config) -> FinetuneResult`: the stage's Python entry point, shared by the CLI and `mashup run`."""
 from __future__ import annotations
 
-import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ConfigError
-from engine.finetune.common import check_init_dir, load_task, load_tokenizer
 from engine.finetune.config import FinetuneConfig
-from engine.finetune.outputs import ADAPTER_DIR, CHECKPOINTS_DIR, LOG_JSONL, LOG_PARQUET, read_log
-
-log = logging.getLogger(__name__)
-
+from engine.finetune.outputs import ADAPTER_DIR, CHECKPOINTS_DIR, read_log
+from engine.finetune.preflight import preflight
 
 @dataclass
 class FinetuneResult:
@@ -40,7 +34,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     """Train a LoRA from `config.init` (or from scratch) and return where the adapter is and what happened."""
     t0 = time.perf_counter()
     config = config.resolved()
-    _preflight(config)
+    preflight(config)
     if config.executor == "deepspeed":
         from engine.finetune.deepspeed_ray import run_deepspeed
 
@@ -52,32 +46,3 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     out = config.out_path
     checkpoints = sorted((out / CHECKPOINTS_DIR).glob("step-*")) if (out / CHECKPOINTS_DIR).is_dir() else []
     return FinetuneResult(out / ADAPTER_DIR, read_log(out), time.perf_counter() - t0, checkpoints)
-
-
-def _preflight(config: FinetuneConfig) -> None:
-    """Fail on user errors (missing files, bad data) in the driver, in seconds, before any worker starts."""
-    from transformers import AutoConfig
-
-    tokenizer = load_tokenizer(config)
-    model_config = AutoConfig.from_pretrained(config.base, trust_remote_code=config.trust_remote_code)
-    data = load_task(config, tokenizer, getattr(model_config, "max_position_embeddings", None))
-    if config.init is not None:
-        check_init_dir(config.init)
-    _claim_out_dir(config)
-    log.info(
-        "finetune: %s examples, %s steps x %s, init=%s, executor=%s",
-        len(data.train), config.steps, config.batch_size, config.init or "fresh LoRA", config.executor,
-    )
-
-
-def _claim_out_dir(config: FinetuneConfig) -> None:
-    """A run's outputs never mix with an older run's: refuse, or clear them with `overwrite`."""
-    out = config.out_path
-    previous = [out / name for name in (ADAPTER_DIR, CHECKPOINTS_DIR, LOG_JSONL, LOG_PARQUET) if (out / name).exists()]
-    if previous and not config.overwrite:
-        raise ConfigError(f"out: {out} already holds a finetune run ({previous[0].name}); choose another folder or overwrite")
-    for path in previous:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()

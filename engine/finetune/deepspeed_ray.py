@@ -120,7 +120,7 @@ def torchrun_main(argv: list[str] | None = None) -> None:
 
     import torch.distributed as dist
 
-    from engine.finetune.api import _preflight
+    from engine.finetune.preflight import preflight
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
@@ -138,7 +138,7 @@ def torchrun_main(argv: list[str] | None = None) -> None:
     dist.init_process_group("nccl" if use_gpu else "gloo", device_id=device)
     try:
         if rank == 0:
-            _preflight(cfg)
+            preflight(cfg)
         dist.barrier()
         run_worker(cfg, rank, world_size, device)
     finally:
