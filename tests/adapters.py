@@ -59,3 +59,27 @@ def peft_deltas(base_dir: str | Path, adapter: str | Path) -> dict[str, torch.Te
     return {name.removeprefix("base_model.model."): mod.get_delta_weight("default").detach().float()
             for name, mod in model.named_modules()
             if hasattr(mod, "get_delta_weight") and "default" in getattr(mod, "lora_A", {})}
+
+
+def peft_reference_loss(base_dir: str | Path, adapter: str | Path | None, sample) -> tuple[float, float]:
+    """The independent check for every backend: one `PeftModel.from_pretrained` per donor, one example at a time,
+    no padding, full logits. Returns (mean completion NLL in nats, token accuracy)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    nll, hits, n = 0.0, 0, 0
+    with torch.no_grad():
+        for ex in sample.examples:
+            ids = torch.tensor([ex.input_ids])
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            targets = ids[0, 1:]
+            logp = torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0]
+            sl = slice(ex.n_prompt - 1, None)
+            nll -= logp[sl].double().sum().item()
+            hits += (logits.argmax(-1)[sl] == targets[sl]).sum().item()
+            n += ex.n_completion
+    return nll / n, hits / n

@@ -12,7 +12,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-# Hub code is exercised offline against a cache this session lays out (engine.testing.publish_to_hf_cache).
+# Hub code is exercised offline against a cache this session lays out (tests.helpers.publish_to_hf_cache).
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="mashup-hf-cache-")
 
 POOL_SEEDS = (1, 2, 3, 4, 5)
@@ -20,7 +20,7 @@ POOL_SEEDS = (1, 2, 3, 4, 5)
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> Path:
-    from engine.testing import build_tiny_llama, train_tokenizer
+    from bench.world.tiny import build_tiny_llama, train_tokenizer
 
     root = tmp_path_factory.mktemp("world")
     tok = train_tokenizer(root / "base")
@@ -45,7 +45,7 @@ def pool_dir(world, base_dir) -> Path:
     """Five valid donors: two families (q/v r=8 and q/k/v/o r=4) so the pool is not uniform."""
     from transformers import AutoModelForCausalLM
 
-    from engine.testing import write_lora_adapter
+    from bench.world.tiny import write_lora_adapter
 
     pool = world / "pool"
     base = AutoModelForCausalLM.from_pretrained(str(base_dir))
@@ -62,7 +62,7 @@ def pool_dir(world, base_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def task_file(world) -> Path:
-    from engine.testing import write_task
+    from bench.world.tiny import write_task
 
     return write_task(world / "task.jsonl", 24, seed=0, op="reverse", choices=4)
 

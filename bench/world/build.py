@@ -74,7 +74,7 @@ def build_base(spec: WorldSpec, out: Path) -> Path:
     import torch
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-    from engine.testing import build_tiny_llama, train_tokenizer
+    from bench.world.tiny import build_tiny_llama, train_tokenizer
 
     lines = T.pretraining_lines(20000, seed=0)
     corpus = lines + [r["prompt"] + r["completion"] for t in T.all_tasks().values() for r in T.rows(t, 20, seed=99)]

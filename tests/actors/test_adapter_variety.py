@@ -10,7 +10,7 @@ from actors.backends.hf import HFBackend, HFOptions
 from actors.backends.vllm import precheck
 from actors.lora_slots import LoraSlots, read_layout
 from engine.data import encode_sample, load_jsonl
-from engine.testing import peft_reference_loss as reference_loss
+from tests.adapters import peft_reference_loss as reference_loss
 from tests.adapters import with_adapter_name_in_keys, write_peft_adapter
 
 QV = ["q_proj", "v_proj"]

@@ -5,7 +5,7 @@ import torch
 from actors.backends.base import BASE_REQUEST, DonorRequest
 from actors.backends.hf import HFBackend, HFOptions
 from engine.data import encode_sample, load_jsonl
-from engine.testing import peft_reference_loss as reference_loss
+from tests.adapters import peft_reference_loss as reference_loss
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_slots_equal_peft_load_adapter(base_dir, sample, requests):
 
 
 def test_slot_layout_grows_and_odd_donors_fall_back_to_peft(base_dir, sample, requests, tmp_path):
-    from engine.testing import write_lora_adapter
+    from bench.world.tiny import write_lora_adapter
 
     emb = write_lora_adapter(base_dir, tmp_path / "emb", seed=11, r=4, target_modules=("embed_tokens", "q_proj"),
                              init_std=0.2)

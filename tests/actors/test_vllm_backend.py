@@ -63,7 +63,7 @@ def vworld(tmp_path_factory):
     pytest.importorskip("vllm")
     from transformers import AutoModelForCausalLM
 
-    from engine.testing import build_tiny_llama, train_tokenizer, write_lora_adapter, write_task
+    from bench.world.tiny import build_tiny_llama, train_tokenizer, write_lora_adapter, write_task
 
     root = tmp_path_factory.mktemp("vworld")
     tok = train_tokenizer(root / "base")

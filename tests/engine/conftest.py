@@ -9,7 +9,8 @@ import pytest
 @pytest.fixture(scope="session")
 def bad_pool(world, pool_dir) -> tuple[Path, dict[str, str]]:
     """A folder of malformed donors, plus a manifest beside it whose path escapes its root."""
-    from engine.testing import build_tiny_llama, train_tokenizer, write_bad_donors
+    from bench.world.tiny import build_tiny_llama, train_tokenizer
+    from tests.helpers import write_bad_donors
 
     other = world / "other_base"
     build_tiny_llama(other, train_tokenizer(other), hidden_size=96, seed=3)

@@ -23,7 +23,7 @@ def graded_pool(world, base_dir):
     """16 random q/v LoRAs of growing size: losses spread, and the exhaustive run says which are best."""
     from transformers import AutoModelForCausalLM
 
-    from engine.testing import write_lora_adapter
+    from bench.world.tiny import write_lora_adapter
 
     pool = world / "graded_pool"
     if not pool.exists():
@@ -97,7 +97,7 @@ def test_rounds_are_recorded_as_nested_prefixes(exhaustive, cascade):
 def test_moments_match_per_example_peft(cascade, graded_pool, base_dir, tokenizer, task_file):
     from engine.cascade import cascade_order
     from engine.data import EncodedSample, encode_sample, load_jsonl
-    from engine.testing import peft_reference_loss
+    from tests.adapters import peft_reference_loss
 
     _, rows, cfg = cascade
     sample = cascade_order(encode_sample(tokenizer, load_jsonl(task_file), salt=str(base_dir)), cfg.seed)

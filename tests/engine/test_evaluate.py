@@ -63,7 +63,7 @@ def test_shards_add_up_to_the_whole_and_train_mode_is_restored(donor_model, toke
 
 
 def test_examples_without_choices_have_no_choice_accuracy(donor_model, tokenizer, world):
-    from engine.testing import write_task
+    from bench.world.tiny import write_task
 
     examples = load_jsonl(write_task(world / "plain.jsonl", 5, seed=4))
     result = evaluate(donor_model, tokenizer, examples)

@@ -9,7 +9,7 @@ import pytest
 
 from engine.catalog import build_catalog
 from engine.hub import fetch, resolve_base
-from engine.testing import publish_to_hf_cache
+from tests.helpers import publish_to_hf_cache
 
 
 def test_offline_fetch_reads_the_hf_cache(pool_dir):

@@ -24,7 +24,7 @@ def one_actor(ray_local, tmp_path_factory, pool_dir, task_file, base_dir):
 
 def test_scores_match_the_backend_reference(one_actor, base_dir, pool_dir, tokenizer, task_file):
     from engine.data import encode_sample, load_jsonl
-    from engine.testing import peft_reference_loss as reference_loss
+    from tests.adapters import peft_reference_loss as reference_loss
 
     summary, df = one_actor
     assert summary.scored == 6 and summary.failed == 0

@@ -80,7 +80,7 @@ def test_donors_that_crash_the_backend_are_isolated_and_the_rest_rescored(
     ray_local, tmp_path, pool_dir, faults, task_file, base_dir
 ):
     from engine.data import encode_sample, load_jsonl, sample_examples
-    from engine.testing import peft_reference_loss
+    from tests.adapters import peft_reference_loss
     from transformers import AutoTokenizer
 
     # Calls: [base, donor1, donor3] [donor5, norm_saver, donor2] [donor4, bad_target_type]. norm_saver

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.testing import publish_to_hf_cache
+from tests.helpers import publish_to_hf_cache
 
 DONORS = ["qv/donor1", "qkvo/donor2", "qv/donor3", "qkvo/donor4"]
 

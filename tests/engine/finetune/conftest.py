@@ -22,7 +22,7 @@ def merged_init(world, base_dir, pool_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def eval_file(world) -> Path:
-    from engine.testing import write_task
+    from bench.world.tiny import write_task
 
     return write_task(world / "eval.jsonl", 12, seed=1, op="reverse", choices=4)
 

@@ -19,7 +19,7 @@ def donors(pool_dir) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def scaled_donor(world, base_dir) -> Path:
     """r=8 on q/v like qv*, but alpha=4: scale 0.5 instead of 2."""
-    from engine.testing import write_lora_adapter
+    from bench.world.tiny import write_lora_adapter
 
     return write_lora_adapter(base_dir, world / "merge_extra" / "scaled", seed=11, r=8, alpha=4,
                               target_modules=("q_proj", "v_proj"), init_std=0.2)

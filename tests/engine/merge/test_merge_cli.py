@@ -64,7 +64,7 @@ def test_hub_donors_merge_from_the_local_hf_cache(donors, tmp_path):
     import os
     from pathlib import Path
 
-    from engine.testing import publish_to_hf_cache
+    from tests.helpers import publish_to_hf_cache
 
     publish_to_hf_cache(Path(os.environ["HF_HUB_CACHE"]), "acme/merge-donor", donors["qv3"], revision="v2")
     out = tmp_path / "merged"
