@@ -12,6 +12,7 @@ Usage: python -m bench.bench_merge [--sizes 10 100 1000] [--peft-sizes 10 100] [
        -> bench/results/merge.json
 """
 from __future__ import annotations
+from engine.api import merge
 
 import argparse
 import json
@@ -109,7 +110,7 @@ def worker_merge(paths: list[Path], out: Path) -> dict:
 
     baseline = rss_now_mb()
     start, cpu = time.perf_counter(), time.process_time()
-    engine.merge(paths, out=out, method="linear", progress=False)
+    merge(paths, out=out, method="linear", progress=False)
     helper = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
             "hasher_cpu_seconds": helper.ru_utime + helper.ru_stime, "rss_before_mb": baseline}

@@ -4,6 +4,7 @@ The writers are real processes SIGKILLed mid-write: a bare `engine.atomic` write
 checkpoint every step. (The merge's own kill test is tests/engine/merge/test_merge_io.py.)
 """
 from __future__ import annotations
+from engine.api import merge
 
 import hashlib
 import json
@@ -17,7 +18,6 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-import engine
 from engine.atomic import atomic_dir, atomic_write_text
 from engine.cli import main
 from engine.errors import ConfigError
@@ -103,7 +103,7 @@ def test_sigkilled_finetune_leaves_only_complete_checkpoints(tmp_path, base_dir,
 
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory, pool_dir) -> Path:
-    return engine.merge([pool_dir / "qv" / "donor1", pool_dir / "qv" / "donor3"], out=tmp_path_factory.mktemp("m") / "merged")
+    return merge([pool_dir / "qv" / "donor1", pool_dir / "qv" / "donor3"], out=tmp_path_factory.mktemp("m") / "merged")
 
 
 def test_merge_info_records_the_merged_adapters_own_sha256(merged):

@@ -5,13 +5,13 @@ tests/engine/test_validate.py) are not repeated; this fills the gaps: Inf weight
 tensor, a NaN scale, a pickle that would run code, a symlinked donor folder leaving the pool, duplicate ids.
 """
 from __future__ import annotations
+from engine.api import merge
 
 import json
 import pickle
 
 import pytest
 
-import engine
 from engine.cli import main
 from engine.errors import DonorError
 from engine.scoring import ScoreConfig, score
@@ -56,7 +56,7 @@ def test_the_pickle_is_never_unpickled(hostile_job, faults, pool_dir, base_dir, 
     pickle.loads(pickle.dumps(pickle_bomb(tmp_path / "live")))
     assert (tmp_path / "live").is_dir(), "the bomb must be live for its absence to prove anything"
     with pytest.raises(DonorError, match="refusing to unpickle"):
-        engine.merge([pool_dir / "qv" / "donor1", faults / "pickle_bomb"], out=tmp_path / "merged")
+        merge([pool_dir / "qv" / "donor1", faults / "pickle_bomb"], out=tmp_path / "merged")
     assert main(["finetune", "--base", str(base_dir), "--data", str(task_file), "--init", str(faults / "pickle_bomb"),
                  "--out", str(tmp_path / "ft"), "--steps", "1"]) == 2
     assert not (faults / "UNPICKLED").exists(), "a donor's pickle was unpickled"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from lora_math import delta_weights, exact_delta, read_config, read_factors
 
-import engine
+from engine.api import merge
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -24,8 +24,8 @@ def trainable(model) -> int:
 def test_refactor_keeps_delta_w_up_to_the_truncation(donors, tmp_path):
     pair = [donors["qv1"], donors["qv3"]]
     exact = exact_delta(pair, [0.5, 0.5])
-    full = engine.merge(pair, method="cat", refactor_rank=16, refactor_alpha=32, out=tmp_path / "r16")
-    low = engine.merge(pair, method="cat", refactor_rank=4, refactor_alpha=8, out=tmp_path / "r4")
+    full = merge(pair, method="cat", refactor_rank=16, refactor_alpha=32, out=tmp_path / "r16")
+    low = merge(pair, method="cat", refactor_rank=4, refactor_alpha=8, out=tmp_path / "r4")
     assert (read_config(low)["r"], read_config(low)["lora_alpha"], read_config(low)["use_rslora"]) == (4, 8, False)
     for module, delta in delta_weights(full).items():  # rank 16 holds the cat merge's whole ΔW (rank Σ r_i = 16)
         torch.testing.assert_close(delta, exact[module], atol=1e-5, rtol=1e-4)
@@ -40,21 +40,21 @@ def test_refactored_arm_trains_as_many_parameters_as_scratch(donors, base_dir, t
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    merged = engine.merge([donors["qv1"], donors["qv3"]], method="cat", refactor_rank=4, refactor_alpha=8,
+    merged = merge([donors["qv1"], donors["qv3"]], method="cat", refactor_rank=4, refactor_alpha=8,
                           out=tmp_path / "m")
     scratch = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base_dir)),
                              LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM"))
     arm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir)), str(merged), is_trainable=True)
     assert trainable(arm) == trainable(scratch) == sum(a.numel() + b.numel() for a, b in read_factors(merged).values())
     assert arm.peft_config["default"].lora_alpha / arm.peft_config["default"].r == 2.0  # scratch's scale
-    unfair = engine.merge([donors["qv1"], donors["qv3"]], method="cat", out=tmp_path / "cat")
+    unfair = merge([donors["qv1"], donors["qv3"]], method="cat", out=tmp_path / "cat")
     assert sum(a.numel() + b.numel() for a, b in read_factors(unfair).values()) == 4 * trainable(scratch)
 
 
 def test_random_norm_matches_the_merges_norms_and_nothing_else(donors, tmp_path):
     pair = [donors["qv1"], donors["qv3"]]
-    linear = read_factors(engine.merge(pair, method="linear", out=tmp_path / "linear"))
-    null = engine.merge(pair, method="random-norm", seed=7, out=tmp_path / "null")
+    linear = read_factors(merge(pair, method="linear", out=tmp_path / "linear"))
+    null = merge(pair, method="random-norm", seed=7, out=tmp_path / "null")
     ours = read_factors(null)
     assert ours.keys() == linear.keys()
     for module, (a, b) in ours.items():
@@ -69,8 +69,8 @@ def test_random_norm_matches_the_merges_norms_and_nothing_else(donors, tmp_path)
     def digest(folder):
         return hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()
 
-    again = engine.merge(pair, method="random-norm", seed=7, out=tmp_path / "again")
-    other = engine.merge(pair, method="random-norm", seed=8, out=tmp_path / "other")
+    again = merge(pair, method="random-norm", seed=7, out=tmp_path / "again")
+    other = merge(pair, method="random-norm", seed=8, out=tmp_path / "other")
     assert digest(again) == digest(null) != digest(other)
 
 
@@ -78,7 +78,7 @@ def test_random_norm_loads_in_peft_and_changes_the_output(donors, base_dir, tmp_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    null = engine.merge([donors["qv1"], donors["qv3"]], method="random-norm", out=tmp_path / "null")
+    null = merge([donors["qv1"], donors["qv3"]], method="random-norm", out=tmp_path / "null")
     base = AutoModelForCausalLM.from_pretrained(str(base_dir))
     ids = torch.tensor([[1, 5, 9, 13, 17]])
     with torch.no_grad():

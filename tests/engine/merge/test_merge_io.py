@@ -1,5 +1,6 @@
 """Merge output on disk: a valid streamed safetensors, merge_info.json, and no partial adapter after a failure."""
 from __future__ import annotations
+from engine.api import merge
 
 import hashlib
 import json
@@ -14,7 +15,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import engine
 from engine.errors import ConfigError, DonorError, MashupError
 from engine.merge.io import SafetensorsStreamWriter
 from engine.version import __version__
@@ -47,7 +47,7 @@ def test_stream_writer_refuses_out_of_order_tensors(tmp_path):
 
 def test_merge_info_records_method_donors_weights_hashes_and_version(donors, tmp_path):
     inputs = [donors["qv1"], donors["qv3"]]
-    out = engine.merge(inputs, weights=[1, 3], out=tmp_path / "merged")
+    out = merge(inputs, weights=[1, 3], out=tmp_path / "merged")
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "merge_info.json"]
     info = json.loads((out / "merge_info.json").read_text())
     assert info["method"] == "linear" and info["donors"] == [str(p) for p in inputs]
@@ -70,13 +70,13 @@ def test_hasher_helper_process_matches_hashlib(donors):
 def test_exception_mid_stream_leaves_no_adapter(donors, nan_donor, tmp_path):
     out = tmp_path / "merged"
     with pytest.raises(MashupError, match="not finite"):  # raised after earlier modules were written
-        engine.merge([donors["qv1"], nan_donor], out=out)
+        merge([donors["qv1"], nan_donor], out=out)
     assert not out.exists() and leftovers(out) == []
 
 
 def test_sigkilled_merge_leaves_no_adapter_and_the_next_merge_cleans_up(donors, tmp_path):
     out = tmp_path / "merged"
-    script = (f"import engine; engine.merge([{str(donors['qv1'])!r}] * 3000, out={str(out)!r}, progress=False)")
+    script = (f"from engine.api import merge; merge([{str(donors['qv1'])!r}] * 3000, out={str(out)!r}, progress=False)")
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
@@ -88,22 +88,22 @@ def test_sigkilled_merge_leaves_no_adapter_and_the_next_merge_cleans_up(donors, 
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists() and leftovers(out)  # only a hidden temp folder remains
-    engine.merge([donors["qv1"]], out=out)
+    merge([donors["qv1"]], out=out)
     assert out.is_dir() and leftovers(out) == []
 
 
 def test_existing_output_needs_overwrite(donors, tmp_path):
-    out = engine.merge([donors["qv1"]], out=tmp_path / "merged")
+    out = merge([donors["qv1"]], out=tmp_path / "merged")
     with pytest.raises(ConfigError, match="already exists"):
-        engine.merge([donors["qv3"]], out=out)
-    engine.merge([donors["qv3"]], out=out, overwrite=True)
+        merge([donors["qv3"]], out=out)
+    merge([donors["qv3"]], out=out, overwrite=True)
     assert json.loads((out / "merge_info.json").read_text())["donors"] == [str(donors["qv3"])]
     assert leftovers(out) == []
 
 
 def test_unusable_donors_are_named(donors, pickle_donor, tmp_path):
     with pytest.raises(DonorError, match="refusing to unpickle"):
-        engine.merge([donors["qv1"], pickle_donor], out=tmp_path / "x")
+        merge([donors["qv1"], pickle_donor], out=tmp_path / "x")
     with pytest.raises(DonorError, match="not found"):
-        engine.merge([donors["qv1"], tmp_path / "nowhere"], out=tmp_path / "x")
+        merge([donors["qv1"], tmp_path / "nowhere"], out=tmp_path / "x")
     assert not (tmp_path / "x").exists()

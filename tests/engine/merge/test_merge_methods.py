@@ -4,6 +4,7 @@ Where PEFT defines the same operation we compare tensors; where we deliberately 
 the factors) the test says so and checks our formula directly.
 """
 from __future__ import annotations
+from engine.api import merge
 
 import pytest
 import torch
@@ -12,7 +13,6 @@ from lora_math import (
 )
 from peft.utils import merge_utils
 
-import engine
 from engine.errors import ConfigError
 from engine.merge.sparse import dare_keep_mask
 
@@ -43,7 +43,7 @@ def merged_delta(adapter) -> dict:
 
 
 def test_linear_is_the_plain_mean_of_A_and_of_B(donors, tmp_path):
-    out = engine.merge(paths(donors, QV), out=tmp_path / "linear")
+    out = merge(paths(donors, QV), out=tmp_path / "linear")
     inputs = [read_factors(p) for p in paths(donors, QV)]
     expected = {m: (sum(f[m][0] for f in inputs) / 3, sum(f[m][1] for f in inputs) / 3) for m in inputs[0]}
     assert_factors_close(read_factors(out), expected, atol=1e-6)
@@ -53,7 +53,7 @@ def test_linear_is_the_plain_mean_of_A_and_of_B(donors, tmp_path):
 
 def test_linear_folds_differing_scales_into_B(donors, scaled_donor, tmp_path):
     inputs = [donors["qv1"], scaled_donor]
-    out = engine.merge(inputs, weights=[0.25, 0.75], out=tmp_path / "linear")
+    out = merge(inputs, weights=[0.25, 0.75], out=tmp_path / "linear")
     factors = [read_factors(p) for p in inputs]
     scales = [read_scale(p) for p in inputs]  # 2.0 and 0.5
     expected = {m: (0.25 * factors[0][m][0] + 0.75 * factors[1][m][0],
@@ -65,7 +65,7 @@ def test_linear_folds_differing_scales_into_B(donors, scaled_donor, tmp_path):
 def test_linear_equals_peft_linear_given_squared_weights(donors, base_dir, tmp_path):
     """PEFT's linear scales both factors by sqrt(w_i s_i); fed w_i² it yields A = sqrt(s) Σ w_i A_i and
     B = sqrt(s) Σ w_i B_i, i.e. exactly our ΔW = s (Σ w_i B_i)(Σ w_i A_i) when the donors share a scale."""
-    out = engine.merge(paths(donors, QV), weights=UNEVEN, out=tmp_path / "linear")
+    out = merge(paths(donors, QV), weights=UNEVEN, out=tmp_path / "linear")
     state, _ = peft_weighted_adapter(base_dir, paths(donors, QV), [w * w for w in UNEVEN], "linear")
     peft_delta = {m: b @ a for m, (a, b) in factors_of_state(state).items()}  # PEFT writes alpha = r
     assert_deltas_close(merged_delta(out), peft_delta, atol=1e-6)
@@ -74,7 +74,7 @@ def test_linear_equals_peft_linear_given_squared_weights(donors, base_dir, tmp_p
 def test_linear_deliberately_differs_from_peft_for_uneven_weights(donors, base_dir, tmp_path):
     """Fed the same weights, PEFT's ΔW has cross terms sqrt(w_i w_j) (N times ours for uniform weights); ours
     has w_i w_j, the product of the weighted means. Both formulas are checked, and that they differ."""
-    out = engine.merge(paths(donors, QV), weights=UNEVEN, out=tmp_path / "linear")
+    out = merge(paths(donors, QV), weights=UNEVEN, out=tmp_path / "linear")
     inputs = [read_factors(p) for p in paths(donors, QV)]
     ours_expected = {m: 2.0 * sum(w * f[m][1] for w, f in zip(UNEVEN, inputs)) @ sum(w * f[m][0] for w, f in zip(UNEVEN, inputs))
                      for m in inputs[0]}
@@ -91,14 +91,14 @@ def test_linear_deliberately_differs_from_peft_for_uneven_weights(donors, base_d
 def test_cat_reproduces_the_exact_weighted_delta_across_ranks_and_modules(donors, tmp_path):
     inputs = paths(donors, ("qv1", "qkvo2", "qv3"))  # r = 8, 4, 8; qkvo2 alone adapts k/o
     weights = [0.5, 0.3, 0.2]
-    out = engine.merge(inputs, weights=weights, method="cat", out=tmp_path / "cat")
+    out = merge(inputs, weights=weights, method="cat", out=tmp_path / "cat")
     assert read_config(out)["r"] == 20 and read_scale(out) == 1.0
     assert sorted(read_config(out)["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
     assert_deltas_close(merged_delta(out), exact_delta(inputs, weights), atol=1e-5)
 
 
 def test_cat_matches_peft_factor_by_factor(donors, base_dir, tmp_path):
-    out = engine.merge(paths(donors, QV), weights=UNEVEN, method="cat", out=tmp_path / "cat")
+    out = merge(paths(donors, QV), weights=UNEVEN, method="cat", out=tmp_path / "cat")
     state, peft_config = peft_weighted_adapter(base_dir, paths(donors, QV), UNEVEN, "cat")
     assert read_config(out)["r"] == peft_config.r == 24
     assert_factors_close(read_factors(out), factors_of_state(state), atol=1e-6)
@@ -107,7 +107,7 @@ def test_cat_matches_peft_factor_by_factor(donors, base_dir, tmp_path):
 def test_svd_matches_peft_and_the_truncated_exact_delta(donors, base_dir, tmp_path):
     inputs = paths(donors, ("qv1", "qkvo2", "qv3"))
     weights = [0.5, 0.3, 0.2]
-    out = engine.merge(inputs, weights=weights, method="svd", out=tmp_path / "svd")
+    out = merge(inputs, weights=weights, method="svd", out=tmp_path / "svd")
     state, peft_config = peft_weighted_adapter(base_dir, inputs, weights, "svd")
     assert read_config(out)["r"] == peft_config.r == 8  # the largest donor rank, as in PEFT
     # SVD factors are unique only up to sign, so compare the products
@@ -120,14 +120,14 @@ def test_svd_matches_peft_and_the_truncated_exact_delta(donors, base_dir, tmp_pa
 
 def test_svd_rank_is_chosen_by_the_user(donors, tmp_path):
     inputs = paths(donors, ("qv1", "qv3"))
-    out = engine.merge(inputs, method="svd", svd_rank=16, out=tmp_path / "svd16")
+    out = merge(inputs, method="svd", svd_rank=16, out=tmp_path / "svd16")
     assert read_config(out)["r"] == 16  # Σ r_i = 16: no truncation, so exact
     assert_deltas_close(merged_delta(out), exact_delta(inputs, [0.5, 0.5]), atol=1e-5)
 
 
 @pytest.mark.parametrize("majority_sign", ["total", "frequency"])
 def test_ties_matches_peft(donors, base_dir, tmp_path, majority_sign):
-    out = engine.merge(paths(donors, QV), weights=UNEVEN, method="ties", density=0.5, majority_sign=majority_sign,
+    out = merge(paths(donors, QV), weights=UNEVEN, method="ties", density=0.5, majority_sign=majority_sign,
                        out=tmp_path / "ties")
     state, _ = peft_weighted_adapter(base_dir, paths(donors, QV), UNEVEN, "ties", density=0.5,
                                      majority_sign_method=majority_sign)
@@ -139,7 +139,7 @@ def test_ties_matches_peft(donors, base_dir, tmp_path, majority_sign):
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
 def test_dare_without_dropping_matches_peft(donors, base_dir, tmp_path, method):
     """density=1 keeps every entry, so the deterministic rest of DARE (weighting, sign election) is compared."""
-    out = engine.merge(paths(donors, QV), weights=UNEVEN, method=method, density=1.0, out=tmp_path / method)
+    out = merge(paths(donors, QV), weights=UNEVEN, method=method, density=1.0, out=tmp_path / method)
     state, _ = peft_weighted_adapter(base_dir, paths(donors, QV), UNEVEN, method, density=1.0)
     assert_factors_close(read_factors(out), factors_of_state(state), atol=1e-6)
 
@@ -150,7 +150,7 @@ def test_dare_with_our_masks_equals_peft_merge_functions(donors, tmp_path, metho
     rebuild our own per-(donor, module, factor) masks and feed the masked factors to PEFT's merge_utils."""
     density, seed = 0.5, 7
     inputs = paths(donors, QV)
-    out = engine.merge(inputs, weights=UNEVEN, method=method, density=density, seed=seed, out=tmp_path / method)
+    out = merge(inputs, weights=UNEVEN, method=method, density=density, seed=seed, out=tmp_path / method)
     factors = [read_factors(p) for p in inputs]
     roots = torch.tensor([(w * read_scale(p)) ** 0.5 for w, p in zip(UNEVEN, inputs)])
     for module, (a, b) in read_factors(out).items():
@@ -172,8 +172,8 @@ def test_dare_masks_keep_density_and_are_unbiased_on_average(donors, tmp_path):
     inputs = paths(donors, QV)
     mask = dare_keep_mask(torch.Size([64, 256]), 0.3, 0, 0, "m", "A")
     assert abs(mask.mean().item() - 0.3) < 0.02  # 16384 draws: 3 sigma is about 0.011
-    dense = read_factors(engine.merge(inputs, method="dare_linear", density=1.0, out=tmp_path / "dense"))
-    runs = [read_factors(engine.merge(inputs, method="dare_linear", density=0.5, seed=s, out=tmp_path / f"s{s}"))
+    dense = read_factors(merge(inputs, method="dare_linear", density=1.0, out=tmp_path / "dense"))
+    runs = [read_factors(merge(inputs, method="dare_linear", density=0.5, seed=s, out=tmp_path / f"s{s}"))
             for s in range(24)]
     module = next(iter(dense))
     mean_a = torch.stack([r[module][0] for r in runs]).mean(0)
@@ -186,7 +186,7 @@ def test_dare_masks_keep_density_and_are_unbiased_on_average(donors, tmp_path):
                                           ("dare_linear", {"density": 0.5}), ("dare_ties", {"density": 0.5})])
 def test_equal_rank_methods_reject_mixed_ranks_naming_donors(donors, tmp_path, method, extra):
     with pytest.raises(ConfigError) as caught:
-        engine.merge([donors["qv1"], donors["qkvo2"]], method=method, out=tmp_path / "x", **extra)
+        merge([donors["qv1"], donors["qkvo2"]], method=method, out=tmp_path / "x", **extra)
     message = str(caught.value)
     assert "r=4" in message and "r=8" in message and "donor1" in message and "donor2" in message
     assert not (tmp_path / "x").exists()
@@ -199,13 +199,13 @@ def test_output_dtype_follows_donors_unless_chosen(bf16_donors, tmp_path):
         with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
             return f.get_tensor(next(iter(f.keys()))).dtype
 
-    assert dtype_of(engine.merge(bf16_donors, out=tmp_path / "bf16")) == torch.bfloat16
-    assert dtype_of(engine.merge(bf16_donors, out=tmp_path / "f32", dtype="float32")) == torch.float32
+    assert dtype_of(merge(bf16_donors, out=tmp_path / "bf16")) == torch.bfloat16
+    assert dtype_of(merge(bf16_donors, out=tmp_path / "f32", dtype="float32")) == torch.float32
 
 
 def test_weights_are_normalized_and_recorded(donors, tmp_path):
-    a = read_factors(engine.merge(paths(donors, ("qv1", "qv3")), weights=[2, 6], out=tmp_path / "a"))
-    b = read_factors(engine.merge(paths(donors, ("qv1", "qv3")), weights=[0.25, 0.75], out=tmp_path / "b"))
+    a = read_factors(merge(paths(donors, ("qv1", "qv3")), weights=[2, 6], out=tmp_path / "a"))
+    b = read_factors(merge(paths(donors, ("qv1", "qv3")), weights=[0.25, 0.75], out=tmp_path / "b"))
     assert_factors_close(a, b, atol=0)
 
 
@@ -223,10 +223,10 @@ def test_small_memory_budget_streams_modules_in_groups_with_the_same_result(dono
 
 def test_options_must_fit_the_method(donors, tmp_path):
     with pytest.raises(ConfigError, match="density: required"):
-        engine.merge(paths(donors, QV), method="ties", out=tmp_path / "x")
+        merge(paths(donors, QV), method="ties", out=tmp_path / "x")
     with pytest.raises(ConfigError, match="density: does not apply"):
-        engine.merge(paths(donors, QV), method="linear", density=0.5, out=tmp_path / "x")
+        merge(paths(donors, QV), method="linear", density=0.5, out=tmp_path / "x")
     with pytest.raises(ConfigError, match="weights: 2 values for 3 donors"):
-        engine.merge(paths(donors, QV), weights=[1, 2], out=tmp_path / "x")
+        merge(paths(donors, QV), weights=[1, 2], out=tmp_path / "x")
     with pytest.raises(ConfigError, match="method: unknown"):
-        engine.merge(paths(donors, QV), method="slerp", out=tmp_path / "x")
+        merge(paths(donors, QV), method="slerp", out=tmp_path / "x")

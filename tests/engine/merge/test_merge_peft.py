@@ -5,7 +5,7 @@ import pytest
 import torch
 from lora_math import exact_delta, read_factors, read_scale
 
-import engine
+from engine.api import merge
 
 PREFIX = "base_model.model."
 
@@ -56,7 +56,7 @@ CASES = {
 def test_merged_adapter_loads_in_peft_and_forward_matches_expected_delta(method, donors, scaled_donor, base_dir, tmp_path):
     names, weights, expected = CASES[method]
     inputs = [scaled_donor if n == "scaled" else donors[n] for n in names]
-    out = engine.merge(inputs, weights=weights, method=method, out=tmp_path / method)
+    out = merge(inputs, weights=weights, method=method, out=tmp_path / method)
     input_ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
     reference = base_with_delta(base_dir, expected(inputs, weights))
     with torch.no_grad():

@@ -1,10 +1,10 @@
 """Merges of donors that differ in layer selectors, patterns and key spelling, checked against PEFT's own ΔW."""
+from engine.api import merge
 import json
 
 import pytest
 import torch
 
-import engine
 from engine.errors import DonorError
 from tests.adapters import peft_deltas, with_adapter_name_in_keys, write_peft_adapter
 
@@ -40,7 +40,7 @@ def expected(base_dir, folders, weights):
 def test_cat_keeps_every_donors_modules_when_loaded(base_dir, donors, tmp_path, names):
     """The first donor's layers_to_transform must not hide the second donor's layer; alpha_pattern scales count."""
     folders, weights = [donors[n] for n in names], [0.6, 0.4]
-    out = engine.merge(folders, weights=weights, method="cat", out=tmp_path / "m")
+    out = merge(folders, weights=weights, method="cat", out=tmp_path / "m")
     config = json.loads((out / "adapter_config.json").read_text())
     assert "layers_to_transform" not in config and not config.get("alpha_pattern")
     got, want = peft_deltas(base_dir, out), expected(base_dir, folders, weights)
@@ -51,7 +51,7 @@ def test_cat_keeps_every_donors_modules_when_loaded(base_dir, donors, tmp_path, 
 
 def test_linear_folds_per_module_scales(base_dir, donors, tmp_path):
     folders = [donors["alpha_pattern"], donors["layer0"]]
-    out = engine.merge(folders, weights=[0.5, 0.5], method="linear", out=tmp_path / "lin")
+    out = merge(folders, weights=[0.5, 0.5], method="linear", out=tmp_path / "lin")
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["lora_alpha"] == config["r"] == 8 and not config.get("alpha_pattern")
     assert peft_deltas(base_dir, out).keys() == expected(base_dir, folders, [0.5, 0.5]).keys()
@@ -59,7 +59,7 @@ def test_linear_folds_per_module_scales(base_dir, donors, tmp_path):
 
 def test_adapter_name_keys_merge_into_peft_keys(base_dir, donors, tmp_path):
     named = with_adapter_name_in_keys(donors["alpha_pattern"], tmp_path / "named")
-    out = engine.merge([named], method="cat", out=tmp_path / "m")
+    out = merge([named], method="cat", out=tmp_path / "m")
     got, want = peft_deltas(base_dir, out), peft_deltas(base_dir, donors["alpha_pattern"])
     for module in want:
         torch.testing.assert_close(got[module], want[module], atol=1e-5, rtol=1e-5)
@@ -68,4 +68,4 @@ def test_adapter_name_keys_merge_into_peft_keys(base_dir, donors, tmp_path):
 @pytest.mark.parametrize("name, reason", [("dora", "DoRA"), ("rank_pattern", "rank_pattern gives modules ranks")])
 def test_unsupported_features_are_refused_in_one_line(donors, tmp_path, name, reason):
     with pytest.raises(DonorError, match=reason):
-        engine.merge([donors[name]], method="cat", out=tmp_path / name)
+        merge([donors[name]], method="cat", out=tmp_path / name)
