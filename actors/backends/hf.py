@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -35,6 +36,17 @@ from engine.data import EncodedSample
 class HFOptions(BackendOptions):
     mixed_batch: bool = Field(True, description="put several donors in one forward pass")
     slots: bool = Field(True, description="load donors by copying into pre-injected LoRA slots")
+    passes: Literal["auto", "mixed", "by_donor"] = Field(
+        "auto",
+        description="how rows fill forward passes: 'auto' runs one donor per pass when a donor's sample fills "
+        "batch_tokens, else mixes donors; 'mixed' always mixes donors (rows length-sorted over all donors); "
+        "'by_donor' always runs one donor per pass. Scores are the same; only speed differs (docs/gpu.md)",
+    )
+    slot_dtype: Literal["model", "float32"] = Field(
+        "model",
+        description="dtype of the LoRA slots: 'model' casts them to the model's dtype (faster in bf16); 'float32' "
+        "keeps PEFT's float32 adapters, as PEFT's own loader does",
+    )
 
 
 class HFBackend(Backend):
@@ -98,7 +110,7 @@ class HFBackend(Backend):
         """Slots in the model's dtype. PEFT keeps adapters in float32 (`autocast_adapter_dtype`), so in bf16 every
         LoRA layer would upcast its input and add a float32 delta: bf16 slots scored 1.2x faster on an H100
         (docs/gpu.md). Donor tensors are rounded to the model's dtype when copied in, as vLLM does."""
-        if self.dtype == torch.float32:
+        if self.dtype == torch.float32 or self.options.slot_dtype == "float32":
             return
         for layer in self.slots.layers.values():
             for name in self.slots.names:
@@ -146,9 +158,11 @@ class HFBackend(Backend):
 
     def _chunks(self, group: list[DonorRequest], sample: EncodedSample):
         """Forward passes as lists of (length, example index, request): one donor per pass when each donor's rows
-        fill at least one pass, else several donors per pass; length-sorted either way, so padding stays small."""
-        budget = self.options.batch_tokens
-        if sum(len(ex.input_ids) for ex in sample.examples) >= budget:
+        fill at least one pass (or `passes="by_donor"`), else several donors per pass (or `passes="mixed"`);
+        length-sorted either way, so padding stays small."""
+        budget, passes = self.options.batch_tokens, self.options.passes
+        fills = sum(len(ex.input_ids) for ex in sample.examples) >= budget
+        if passes == "by_donor" or (passes == "auto" and fills):
             order = sorted((len(ex.input_ids), i) for i, ex in enumerate(sample.examples))
             for req in group:
                 yield from chunk_by_tokens([(n, i, req) for n, i in order], lambda row: row[0], budget)

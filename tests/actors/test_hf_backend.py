@@ -71,6 +71,32 @@ def test_bf16_slots_hold_the_model_dtype(base_dir, sample, requests):
         assert s.error is None and abs(s.loss - loss) < 5e-2, (s.donor, s.loss, loss)
 
 
+@pytest.mark.parametrize("passes, batch_tokens", [("mixed", 64), ("by_donor", 512), ("auto", 512)])
+def test_pass_layout_option_matches_independent_peft(base_dir, sample, requests, passes, batch_tokens):
+    """`passes` forces the layout the `auto` rule would not pick at this batch_tokens (64: auto runs one donor per
+    pass; 512: auto mixes donors); the layout changes, the scores do not."""
+    backend = HFBackend(str(base_dir), HFOptions(max_resident=8, batch_tokens=batch_tokens, passes=passes))
+    reqs = [BASE_REQUEST, *requests]
+    donors_per_pass = {len({req.donor for _, _, req in chunk}) for chunk in backend._chunks(reqs, sample)}
+    assert (max(donors_per_pass) == 1) == (passes == "by_donor"), donors_per_pass
+    for req, s in zip([None, *requests], backend.score(reqs, sample)):
+        loss, acc = reference_loss(base_dir, req.path if req else None, sample)
+        assert s.error is None
+        assert abs(s.loss - loss) < 1e-5, (passes, s.donor, s.loss, loss)
+        assert abs(s.token_accuracy - acc) < 1e-9
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("bfloat16", 5e-2)])
+def test_float32_slot_option_keeps_peft_float32_adapters(base_dir, sample, requests, dtype, tol):
+    """`slot_dtype="float32"` keeps PEFT's float32 adapters whatever the model's dtype (the pre-cast behaviour)."""
+    backend = HFBackend(str(base_dir), HFOptions(dtype=dtype, max_resident=4, slot_dtype="float32"))
+    scores = backend.score(requests[:2], sample)
+    assert {p.dtype for n, p in backend.peft.named_parameters() if "lora_" in n} == {torch.float32}
+    for req, s in zip(requests[:2], scores):
+        loss, _ = reference_loss(base_dir, req.path, sample)
+        assert s.error is None and abs(s.loss - loss) < tol, (s.donor, s.loss, loss)
+
+
 def test_mixed_batch_equals_one_donor_at_a_time(base_dir, sample, requests):
     mixed = HFBackend(str(base_dir), HFOptions(max_resident=8, batch_tokens=512)).score(requests, sample)
     alone = HFBackend(str(base_dir), HFOptions(max_resident=2, mixed_batch=False))
