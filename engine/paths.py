@@ -35,7 +35,7 @@ def check_path(field: str, value: str | Path | None, kind: Kind) -> None:
     if kind == "base" and not (p / "config.json").is_file():
         raise ConfigError(f"{field}: {text} is not a model folder (no config.json)")
     if kind == "adapter" and not (p / "adapter_config.json").is_file():
-        raise ConfigError(f"{field}: {text} is not a PEFT adapter folder (no adapter_config.json)")
+        raise ConfigError(f"{field}: {text} is not a PEFT adapter directory (no adapter_config.json)")
     if kind == "file" and not p.is_file():
         raise ConfigError(f"{field}: not a file: {text}")
 
