@@ -24,7 +24,7 @@ def test_finetune_command_trains_from_scratch_and_reports(base_dir, task_file, e
 
 @pytest.mark.parametrize("extra,phrase", [
     (["--init", "{world}"], "is not a PEFT adapter directory"),
-    (["--eval", "{world}/missing.jsonl"], "data file not found"),
+    (["--eval", "{world}/missing.jsonl"], "eval: file does not exist"),
     (["--batch-size", "3", "--grad-accum", "2"], "batch_size 3 must be a multiple of grad_accum"),
 ])
 def test_user_errors_are_one_line(base_dir, task_file, world, tmp_path, capsys, extra, phrase):
