@@ -75,8 +75,10 @@ def collect(cfg) -> dict[str, Any]:
         rows.append(row)
     selections = {a.name: json.loads((cfg.arm_dir(a) / "selection.json").read_text())
                   for a in cfg.arms if (cfg.arm_dir(a) / "selection.json").exists()}
+    from engine.checkpoint_arm import report_rows
+
     return {"metric": metric, "baseline": cfg.baseline, "target": target, "rows": rows, "timings": timings,
-            "selections": selections, "arms": arms, "scores": scores}
+            "selections": selections, "arms": arms, "scores": scores, "checkpoint_merge": report_rows(cfg, arms, rows)}
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -162,7 +164,9 @@ def render(cfg, data: dict[str, Any], plots: list[Path]) -> str:
         ho = f"{_fmt(r['heldout'])} ± {_fmt(r['heldout_std'])} | " if held else ""
         out.append(f"| {r['arm']} | {r['lr'] if r['lr'] is not None else 'config'} | {_fmt(r['step0'])} | "
                    f"{_fmt(r['final'])} ± {_fmt(r['final_std'])} | {_fmt(r['final_loss'])} | {ho}{parity} | {secs} |")
-    out += ["", "## Wall-clock per stage", "", "| stage | seconds |", "|---|---|",
+    from engine.checkpoint_arm import render_rows
+
+    out += ["", *render_rows(data.get("checkpoint_merge", [])), "## Wall-clock per stage", "", "| stage | seconds |", "|---|---|",
             *[f"| {k} | {v:.1f} |" for k, v in data["timings"].items()], "", "## Curves", "",
             *[f"![{p.stem}](plots/{p.name})" for p in plots], ""]
     return "\n".join(out)
