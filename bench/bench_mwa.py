@@ -28,7 +28,7 @@ from engine.errors import ConfigError
 
 log = logging.getLogger("mashup.bench.mwa")
 README_BLOCK = "bench-mwa"
-RECIPE = {"steps": 120, "batch_size": 16, "lr": 1e-2, "warmup_steps": 12, "save_every": 10,
+RECIPE = {"steps": 120, "batch_size": 16, "lr": 3e-3, "warmup_steps": 12, "save_every": 10,
           "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                            "up_proj", "down_proj"]}}
 
@@ -37,7 +37,9 @@ class MwaBenchConfig(StrictModel):
     world: str = Field("bench", description="a scale of bench/world/build.py; its base and splits are built when missing")
     world_dir: Path | None = Field(None, description="default: .cache/worlds/<world>")
     out: Path = Path("runs/mwa")
-    targets: list[str] = Field(default_factory=lambda: ["rev+dropf", "sort+swap", "rotl+id", "evens+dbl"], min_length=1)
+    targets: list[str] = Field(default_factory=lambda: ["sort+swap", "evens+dbl", "sort+id", "rev+dropf"], min_length=1,
+                               description="targets scratch learns within the budget (bench_recycling: rotl+id, "
+                                           "shift+dropf, rev+dbl, rotl+swap stay near chance, where every merge ties)")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     finetune: dict[str, Any] = Field(default_factory=lambda: dict(RECIPE))
     loss_penalties: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
