@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from engine.atomic import atomic_write_text, sha256_file
 from engine.config import StrictModel
@@ -29,6 +29,15 @@ class CheckpointMergeSpec(StrictModel):
     penalty: float | None = Field(None, ge=0, description="MWA penalty p (default engine.checkpoints.DEFAULT_PENALTY)")
     save_every: int | None = Field(None, ge=1, description="checkpoint interval for this arm (default finetune.save_every)")
     method: str = Field("linear", description="merge method (the paper averages the LoRA weights: linear)")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from engine.merge.registry import METHODS
+
+        if v not in METHODS:
+            raise ValueError(f"unknown {v!r}; choose one of {', '.join(METHODS)}")
+        return v
 
     def label(self) -> str:
         from engine.checkpoints import DEFAULT_PENALTY

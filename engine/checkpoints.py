@@ -194,4 +194,8 @@ def merge_checkpoints(source: str | Path, out: str | Path, metric: str = "loss",
                 and [round(w, 12) for w in done.get("weights", [])] == [round(w, 12) for w in weights]
                 and done.get("sha256") == [sha256_file(Path(p) / WEIGHT_FILE) for p in paths]):
             return Path(out)
-    return merge_with_config(MergeConfig(donors=paths, weights=weights, method=method, out=Path(out), overwrite=overwrite))
+    from engine.config import validate
+
+    config = validate(MergeConfig, {"donors": paths, "weights": weights, "method": method, "out": Path(out),
+                                    "overwrite": overwrite}, "merge")
+    return merge_with_config(config)

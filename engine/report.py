@@ -166,7 +166,8 @@ def render(cfg, data: dict[str, Any], plots: list[Path]) -> str:
                    f"{_fmt(r['final'])} ± {_fmt(r['final_std'])} | {_fmt(r['final_loss'])} | {ho}{parity} | {secs} |")
     from engine.checkpoint_arm import render_rows
 
-    out += ["", *render_rows(data.get("checkpoint_merge", [])), "## Wall-clock per stage", "", "| stage | seconds |", "|---|---|",
+    out += ["", *render_rows(data.get("checkpoint_merge", [])),
+            "## Wall-clock per stage", "", "| stage | seconds |", "|---|---|",
             *[f"| {k} | {v:.1f} |" for k, v in data["timings"].items()], "", "## Curves", "",
             *[f"![{p.stem}](plots/{p.name})" for p in plots], ""]
     return "\n".join(out)

@@ -126,3 +126,9 @@ def test_a_folder_without_checkpoints_is_one_clear_error(tmp_path, capsys):
     assert main(["checkpoints", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no checkpoints" in err[0]
+
+
+def test_a_method_needing_options_is_one_clear_error(ft_run, tmp_path, capsys):
+    assert main(["checkpoints", str(ft_run), "--merge", str(tmp_path / "m"), "--method", "ties"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "density" in err[0]
