@@ -17,6 +17,7 @@ COMMANDS = (
     "engine.commands.merge",
     "engine.commands.finetune",
     "engine.commands.run",
+    "engine.commands.checkpoints",
 )
 
 

@@ -108,8 +108,10 @@ def collect(cfg) -> dict[str, Any]:
             path = cfg.merge_home(a, seed) / "selection.json"
             if a.init == "merge" and path.exists():
                 selections[a.name if seed is None else f"{a.name} (draw for seed {seed})"] = json.loads(path.read_text())
+    from engine.checkpoint_arm import report_rows
+
     return {"metric": metric, "baseline": cfg.baseline, "target": target, "rows": rows, "timings": timings,
-            "selections": selections, "arms": arms, "scores": scores}
+            "selections": selections, "arms": arms, "scores": scores, "checkpoint_merge": report_rows(cfg, arms, rows)}
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -216,7 +218,10 @@ def render(cfg, data: dict[str, Any], plots: list[Path]) -> str:
         params = "—" if r.get("trainable_params") is None else f"{r['trainable_params']:,}"
         out.append(f"| {r['arm']} | {shape} | {params} | {r['lr'] if r['lr'] is not None else 'config'} | {_fmt(r['step0'])} | "
                    f"{_fmt(r['final'])} ± {_fmt(r['final_std'])} | {_fmt(r['final_loss'])} | {ho}{parity} | {secs} |")
-    out += ["", "## Wall-clock per stage", "", "| stage | seconds |", "|---|---|",
+    from engine.checkpoint_arm import render_rows
+
+    out += ["", *render_rows(data.get("checkpoint_merge", [])),
+            "## Wall-clock per stage", "", "| stage | seconds |", "|---|---|",
             *[f"| {k} | {v:.1f} |" for k, v in data["timings"].items()], "", "## Curves", "",
             *[f"![{p.stem}](plots/{p.name})" for p in plots], ""]
     return "\n".join(out)

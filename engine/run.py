@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field
 
 from engine.atomic import atomic_write_text
+from engine.checkpoint_arm import CheckpointMergeSpec
 from engine.config import StrictModel, format_validation_error
 from engine.errors import ConfigError
 
@@ -27,6 +28,8 @@ class ArmSpec(StrictModel):
     init: Literal["merge", "none"] = "merge"
     select: dict[str, Any] = Field(default_factory=dict, description="overrides of the run's select section")
     merge: dict[str, Any] = Field(default_factory=dict, description="overrides of the run's merge section")
+    checkpoint_merge: CheckpointMergeSpec | None = Field(
+        None, description="also merge each run's own checkpoints (MWA by loss or step) and report it beside the final")
 
 
 class SweepSpec(StrictModel):
@@ -120,6 +123,8 @@ class RunConfig(StrictModel):
                  "out": str(self.run_dir(arm, lr, seed))}
         if lr is not None:
             fixed["lr"] = lr
+        if arm.checkpoint_merge is not None and arm.checkpoint_merge.save_every:
+            fixed["save_every"] = arm.checkpoint_merge.save_every
         return self.stage("finetune", FinetuneConfig, fixed)
 
     def arm_dir(self, arm: ArmSpec) -> Path:
@@ -153,7 +158,10 @@ class RunConfig(StrictModel):
                 self._check_cascade(score, arm, self.select_config(arm, self.sweep.seeds[0]))
                 self.merge_config(arm, self.sweep.seeds[0])
             for lr in self.lrs():
-                self.finetune_config(arm, lr, self.sweep.seeds[0])
+                ft = self.finetune_config(arm, lr, self.sweep.seeds[0])
+                if arm.checkpoint_merge is not None and not ft.save_every:
+                    raise ConfigError(f"arms.{arm.name}.checkpoint_merge: the run saves no checkpoints; set "
+                                      "checkpoint_merge.save_every or finetune.save_every")
         self.check_data()
 
     @staticmethod
@@ -292,4 +300,10 @@ def run(cfg: RunConfig) -> Path:
         t0 = time.perf_counter()
         finetune_one(cfg, arm, lr, seed)
         timings.add(f"finetune:{arm.name}/{run_name(lr, seed)}", time.perf_counter() - t0)
+    if any(a.checkpoint_merge is not None for a in cfg.arms):
+        from engine.checkpoint_arm import merge_finished_runs
+
+        t0 = time.perf_counter()
+        merge_finished_runs(cfg)
+        timings.add("checkpoint_merge", time.perf_counter() - t0)
     return write_report(cfg)
