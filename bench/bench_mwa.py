@@ -13,16 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
-from engine.analysis import mean_std
-from engine.atomic import atomic_write_text
 from engine.config import StrictModel, validate
 from engine.errors import ConfigError
 
@@ -37,10 +35,10 @@ class MwaBenchConfig(StrictModel):
     world: str = Field("bench", description="a scale of bench/world/build.py; its base and splits are built when missing")
     world_dir: Path | None = Field(None, description="default: .cache/worlds/<world>")
     out: Path = Path("runs/mwa")
-    targets: list[str] = Field(default_factory=lambda: ["sort+swap", "evens+dbl", "sort+id"], min_length=1,
-                               description="3 of the 8 bench targets: those scratch learns within the budget "
-                                           "(in bench_recycling scratch ends below 0.35 on the other 5, where every "
-                                           "merge ties near chance); 3 keep a full run near 10 min on quiet 2 cores")
+    targets: list[str] = Field(default_factory=lambda: ["sort+swap", "evens+dbl"], min_length=1,
+                               description="2 of the 8 bench targets that scratch learns within the budget (in "
+                                           "bench_recycling scratch ends below 0.35 on 5 others, where every merge ties "
+                                           "near chance; sort+id, the third, was left out for time)")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     finetune: dict[str, Any] = Field(default_factory=lambda: dict(RECIPE))
     loss_penalties: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
@@ -120,7 +118,7 @@ def measure_run(cfg: MwaBenchConfig, evaluator, run_dir: Path, splits: dict[str,
     return out
 
 
-def run_bench(cfg: MwaBenchConfig) -> Path:
+def run_bench(cfg: MwaBenchConfig, command: str = "python -m bench.bench_mwa --readme") -> Path:
     """Train (or reuse) every target × seed, measure every rule, write the summary; returns the JSON path."""
     from bench.mwa_report import write_summary
     from engine.checkpoint_arm import AdapterEvaluator
@@ -138,7 +136,7 @@ def run_bench(cfg: MwaBenchConfig) -> Path:
             runs.setdefault(target, {})[seed] = {"rules": measure_run(cfg, evaluator, run_dir, splits),
                                                  "checkpoint_train_loss": losses}
             log.info("%s seed %d measured", target, seed)
-    return write_summary(cfg, runs, time.perf_counter() - t0)
+    return write_summary(cfg, runs, time.perf_counter() - t0, command)
 
 
 def load_config(overrides: list[str]) -> MwaBenchConfig:
@@ -167,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.overrides + (["readme=true"] if args.readme else []))
-        print(run_bench(cfg))
+        print(run_bench(cfg, " ".join(["python -m bench.bench_mwa", *(argv if argv is not None else sys.argv[1:])])))
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
 

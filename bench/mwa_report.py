@@ -64,13 +64,19 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
     winners = [r for r in merges if r["delta_vs_final_pp"] > 0]
     top = max(merges, key=lambda r: r["delta_vs_final_pp"])
     if winners:
+        noise = all(r["delta_vs_final_pp"] < 1.0 for r in winners)
         lines.append(f"- **Merges that beat the final checkpoint (mean over runs):** "
                      + ", ".join(f"{r['rule']} ({r['delta_vs_final_pp']:+.1f} pp, {r['wins_vs_final']}/{r['runs']} runs)"
-                                 for r in winners) + ".")
+                                 for r in winners)
+                     + (": by under 1 pp, within noise." if noise else "."))
     else:
         lines.append(f"- **No merge beats the final checkpoint** on average: the closest is {top['rule']} "
                      f"({top['delta_vs_final_pp']:+.1f} pp; better on {top['wins_vs_final']}/{top['runs']} runs, worse on "
                      f"{top['losses_vs_final']}). Final: {by['final']['eval_accuracy']:.3f}.")
+    best_loss = min(merges, key=lambda r: r["eval_loss"])
+    final_loss = by["final"]["eval_loss"]
+    lines.append(f"- **Held-out loss:** final checkpoint {final_loss:.3f}; best merge {best_loss['rule']} "
+                 f"{best_loss['eval_loss']:.3f} ({'better' if best_loss['eval_loss'] < final_loss else 'worse'} than final).")
     return lines
 
 
@@ -80,8 +86,9 @@ def _fmt(x: float | None, d: int = 3) -> str:
 
 def render(cfg, rows: list[dict[str, Any]], per_target: dict[str, dict[str, float]], meta: dict[str, Any]) -> str:
     ft = cfg.finetune
-    lines = [f"Measured {meta['date']} on {meta['machine']}, {meta['cores']} cores, torch {meta['torch']}; "
-             f"{meta['seconds'] / 60:.1f} min. Command: `python -m bench.bench_mwa --readme`.", "",
+    lines = [f"Measured {meta['date']} on {meta['machine']}, {meta['cores']} cores, torch {meta['torch']}. Command: "
+             f"`{meta['command']}` ({meta['seconds'] / 60:.1f} min for this invocation; cached runs, merges and "
+             "evaluations are reused).", "",
              f"{len(cfg.targets)} targets ({', '.join(cfg.targets)}) × seeds {cfg.seeds}; each run: LoRA r{ft['lora']['r']} from "
              f"scratch, {ft['steps']} steps × batch {ft['batch_size']}, lr {ft['lr']:g} (cosine, {ft.get('warmup_steps', 0)} "
              f"warm-up), a checkpoint every {ft['save_every']} steps ({ft['steps'] // ft['save_every']} checkpoints); merges "
@@ -106,7 +113,8 @@ def render_targets(per_target: dict[str, dict[str, float]], rules: list[str]) ->
     return "\n".join(lines)
 
 
-def write_summary(cfg, runs: dict[str, dict[int, dict]], seconds: float) -> Path:
+def write_summary(cfg, runs: dict[str, dict[int, dict]], seconds: float,
+                  command: str = "python -m bench.bench_mwa --readme") -> Path:
     """mwa.json (every run's numbers and the summary) and mwa.md; README's block when cfg.readme."""
     import torch
 
@@ -115,7 +123,7 @@ def write_summary(cfg, runs: dict[str, dict[int, dict]], seconds: float) -> Path
     per_target = {t: {rule: mean_std([r["rules"][rule]["eval_accuracy"] for r in per_seed.values()])[0] for rule in rules}
                   for t, per_seed in runs.items()}
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cores": os.cpu_count(),
-            "torch": torch.__version__, "seconds": seconds}
+            "torch": torch.__version__, "seconds": seconds, "command": command}
     text = render(cfg, rows, per_target, meta)
     results = Path(cfg.results)
     results.parent.mkdir(parents=True, exist_ok=True)
