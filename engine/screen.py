@@ -114,6 +114,7 @@ def run_screen(cfg, opts, sample, catalog, store, summary) -> None:
     ids = {e.donor: i + 1 for i, e in enumerate(catalog)}
     total = len(sample.examples)
     record: dict[str, Any] = {"sample_id": sample.fingerprint, "examples": total, "donors": len(entries),
+                              "tokens": sum(len(e.input_ids) for e in sample.examples),
                               "config": sc.model_dump(), "stages": [], "finished": False}
     runner = StageRunner(cfg, opts.model_dump(), sample, store)
 
