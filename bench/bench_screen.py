@@ -48,12 +48,15 @@ def run_pool(name: str, base: str, data: str, donors: str, args) -> dict[str, An
     score(ScoreConfig(**common, strategy="screen", screen={"keep_fraction": 1.0, "probe": args.probe,
                                                             "then": "exhaustive"}))
     total = time.time() - t0
+    from engine.store import read_scores
+
+    first_row = float(read_scores(out).written_at.min()) - t0  # actor start-up + base load + gradient + a batch
     record = json.loads((out / "screen.json").read_text())
     t0 = time.time()
     cas = score(ScoreConfig(**common, strategy="cascade", cascade={
         "first_slice": args.probe, "keep_fraction": args.keep_fraction, "z": 2.0, "growth": 2.0,
         "min_survivors": max(KS)}))
-    return {"out": out, "record": record, "seconds": total, "cascade": cas, "cascade_seconds": time.time() - t0}
+    return {"out": out, "record": record, "seconds": total, "first_row_seconds": first_row, "cascade": cas, "cascade_seconds": time.time() - t0}
 
 
 def analyse(run: dict[str, Any], n: int | None, args) -> dict[str, Any]:
@@ -209,6 +212,7 @@ def main() -> None:
             timings(run, args)
             results["pools"][f"bench/{t}"] = {**analyse(run, None, args), "per_donor_seconds": run["per_donor_seconds"],
                                               "fixed_seconds": run["fixed_seconds"], "stages": run["record"]["stages"],
+                                              "first_row_seconds": run["first_row_seconds"],
                                               "disagreements": len(run["record"]["disagreements"])}
             _write(results)
     if args.pool:
@@ -220,6 +224,7 @@ def main() -> None:
         timings(run, args)
         sizes = sorted({int(n) for n in args.sizes.split(",") if n} | {args.pool})
         results["pools"]["scale"] = {"per_donor_seconds": run["per_donor_seconds"], "fixed_seconds": run["fixed_seconds"],
+                                     "first_row_seconds": run["first_row_seconds"],
                                      "stages": run["record"]["stages"],
                                      "by_size": {str(n): analyse(run, None if n == args.pool else n, args) for n in sizes}}
         results["break_even"] = break_even(results, Path("bench/results/recycling.json"))
