@@ -162,6 +162,7 @@ class ScreeningScorer(DonorScorer):
                 continue
             try:
                 request, scored = self._prepare(task, fetched)
+                t0 = time.perf_counter()  # `seconds`: the screen's own cost, as an exact row's is the forward's
                 adapter = open_adapter(task.entry.donor, request.path)
                 reason = grad.unscreenable(adapter)
                 if reason is not None:

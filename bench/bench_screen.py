@@ -56,7 +56,8 @@ def run_pool(name: str, base: str, data: str, donors: str, args) -> dict[str, An
     cas = score(ScoreConfig(**common, strategy="cascade", cascade={
         "first_slice": args.probe, "keep_fraction": args.keep_fraction, "z": 2.0, "growth": 2.0,
         "min_survivors": max(KS)}))
-    return {"out": out, "record": record, "seconds": total, "first_row_seconds": first_row, "cascade": cas, "cascade_seconds": time.time() - t0}
+    return {"out": out, "record": record, "seconds": total, "first_row_seconds": first_row, "cascade_rounds": cas.rounds,
+            "cascade_seconds": time.time() - t0}
 
 
 def analyse(run: dict[str, Any], n: int | None, args) -> dict[str, Any]:
@@ -83,7 +84,7 @@ def analyse(run: dict[str, Any], n: int | None, args) -> dict[str, Any]:
     ranked = sorted(loss, key=lambda d: (loss[d], d))
     screened = sorted(pred, key=lambda d: (pred[d], d))
     both = [d for d in screened if d in loss]
-    spearman = float(pd.Series([pred[d] for d in both]).corr(pd.Series([loss[d] for d in both]), method="spearman"))
+    spearman = float(pd.Series([pred[d] for d in both]).rank().corr(pd.Series([loss[d] for d in both]).rank()))
 
     def good(k: int) -> set[str]:
         kth = exact[ranked[k - 1]]
@@ -99,7 +100,7 @@ def analyse(run: dict[str, Any], n: int | None, args) -> dict[str, Any]:
                       probe_keep_fraction=args.keep_fraction)
     screen_only = screened[:max(sc.min_keep, math.ceil(sc.keep_fraction * len(screened)))] + unseen
     combined, _, by_probe = survivors(pred, probe, unseen, sc)
-    cas_rounds = run["cascade"].rounds
+    cas_rounds = run["cascade_rounds"]
     last = rows[(rows.kind == "exact") & (rows.sample_id == sid) & (rows["round"] == (cas_rounds[-1]["round"] if cas_rounds else -1))]
     cascade_final = [d for d in last.donor if d in loss] if n is None else None
     k = 2
@@ -131,9 +132,16 @@ def analyse(run: dict[str, Any], n: int | None, args) -> dict[str, Any]:
     for s in strategies.values():
         s["compute_fraction"] = s["forward_example_equiv"] / cost_exh
         s["wall_clock_fraction"] = s["seconds"] / strategies["exhaustive"]["seconds"]
+    grid = []  # the combined design's knobs, evaluated offline on the same rows
+    for kf in (0.025, 0.05, 0.1, 0.2):
+        for z in (0.0, 1.0, 2.0):
+            g = ScreenConfig(keep_fraction=kf, probe_keep_fraction=kf, z=z, min_keep=args.min_keep, probe=args.probe)
+            pool, _, _ = survivors(pred, probe, unseen, g)
+            grid.append({"keep_fraction": kf, "z": z, **{k: v for k, v in picks(pool).items() if k != "picks"},
+                         "compute_fraction": (3 * T + N * args.rank / tok + N * args.probe + len(pool) * T) / cost_exh})
     worst = sorted(both, key=lambda d: (loss[d], d))[:3]
     return {"donors": N, "examples": T, "spearman": spearman, "recall_exact_top_k_in_screen_top_M": recall_table,
-            "strategies": strategies, "rescued_by_probe": [d for d in by_probe if d not in set(screen_only)],
+            "strategies": strategies, "combined_grid": grid, "rescued_by_probe": [d for d in by_probe if d not in set(screen_only)],
             "best_donors_screen_rank": {d: {"exact": loss[d], "screen": pred[d], "screen_rank": screened.index(d) + 1,
                                             "alignment": align[d]} for d in worst},
             "unscreenable": len(unseen)}
@@ -198,11 +206,13 @@ def main() -> None:
     import ray
     import torch
 
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     started, load_before = time.time(), os.getloadavg()
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray_init = time.time() - started  # the fixed cost a `mashup score` command pays before any actor starts
     results: dict[str, Any] = {"command": "python -m bench.bench_screen " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()), "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), torch {torch.__version__}", "pools": {}}
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), torch {torch.__version__}", "pools": {},
+        "ray_init_seconds": ray_init}
     world = Path(args.bench_world)
     if (world / "world.json").exists():
         targets = [t for t in args.targets.split(",") if t] or json.loads((world / "world.json").read_text())["spec"]["targets"]
