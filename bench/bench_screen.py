@@ -192,7 +192,7 @@ def break_even(results: dict[str, Any], recycling: Path) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bench-world", default=".cache/worlds/bench")
-    ap.add_argument("--targets", default="", help="bench-world targets (default: all of them)")
+    ap.add_argument("--targets", default="", help="bench-world targets (default: all; none: skip)")
     ap.add_argument("--pool", type=int, default=2000, help="scale-pool size (0: skip)")
     ap.add_argument("--sizes", default="250,500,1000")
     ap.add_argument("--samples", type=int, default=256)
@@ -209,12 +209,15 @@ def main() -> None:
     started, load_before = time.time(), os.getloadavg()
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray_init = time.time() - started  # the fixed cost a `mashup score` command pays before any actor starts
-    results: dict[str, Any] = {"command": "python -m bench.bench_screen " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()), "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), torch {torch.__version__}", "pools": {},
-        "ray_init_seconds": ray_init}
+    command = "python -m bench.bench_screen " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
+    # Runs add to the results file (a bench-world run and a scale-pool run can be made separately).
+    results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"pools": {}, "commands": []}
+    results.update(date=time.strftime("%Y-%m-%d %H:%M"), ray_init_seconds=ray_init,
+                   machine=f"{platform.machine()}, {os.cpu_count()} cores (shared), torch {torch.__version__}")
+    results["commands"] = [*results.get("commands", []), command]
+    results["command"] = " ; ".join(results["commands"])
     world = Path(args.bench_world)
-    if (world / "world.json").exists():
+    if args.targets != "none" and (world / "world.json").exists():
         targets = [t for t in args.targets.split(",") if t] or json.loads((world / "world.json").read_text())["spec"]["targets"]
         for t in targets:
             run = run_pool(f"bench-{t}", str(world / "base"), str(world / "tasks" / t / "train.jsonl"),

@@ -116,7 +116,8 @@ class ActorPoolRunner:
                     self._new_actor()
                 while self.idle and self.queue and not (self.base_pending and self.queue[0] != [None]):
                     actor, batch = self.idle.pop(), self.queue.popleft()
-                    self.inflight[getattr(actor, self.method).remote(batch, sample_ref)] = Flight(actor, batch, time.monotonic())
+                    ref = getattr(actor, self.method).remote(batch, sample_ref)
+                    self.inflight[ref] = Flight(actor, batch, time.monotonic())
                 done, _ = ray.wait([*self.inflight, *self.starting], num_returns=1, timeout=1.0)
                 for ref in done:
                     if ref in self.starting:

@@ -60,7 +60,8 @@ class StageRunner(ActorPoolRunner):
         self.actor_cls = ScreeningScorer
 
     def stage(self, method: str, sample, round_: int = 0) -> "StageRunner":
-        self.method, self.kind, self.sample, self.round = method, "screen" if method == "screen" else "exact", sample, round_
+        self.method, self.sample, self.round = method, sample, round_
+        self.kind = "screen" if method == "screen" else "exact"
         return self
 
     def _rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -97,7 +98,8 @@ def survivors(screen: dict[str, float], probe: dict[str, Any], others: list[str]
     by_screen = ranked[:max(sc.min_keep, math.ceil(sc.keep_fraction * len(ranked)))]
     by_probe: list[str] = []
     if probe:
-        by_probe, _ = prune(probe, CascadeConfig(keep_fraction=sc.probe_keep_fraction, z=sc.z, min_survivors=sc.min_keep))
+        cut = CascadeConfig(keep_fraction=sc.probe_keep_fraction, z=sc.z, min_survivors=sc.min_keep)
+        by_probe, _ = prune(probe, cut)
     keep = list(dict.fromkeys([*by_screen, *by_probe, *others]))
     return keep, by_screen, by_probe
 
