@@ -144,7 +144,8 @@ class RoundWriter:
 def ok_stats(store, sample_id: str, round_: int, donors: Iterable[str]) -> dict[str, RoundStats]:
     """Prefix statistics of the given donors' `ok` rows of one round."""
     df = store.read()
-    df = df[(df.status == "ok") & (df.sample_id == sample_id) & (df["round"] == round_) & df.donor.isin(set(donors))]
+    df = df[(df.status == "ok") & (df.sample_id == sample_id) & (df["round"] == round_) & df.donor.isin(set(donors))
+            & (df.kind == "exact")]
     return {r["donor"]: RoundStats.from_row(r) for r in df.to_dict("records")}
 
 

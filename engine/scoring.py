@@ -18,6 +18,7 @@ from pydantic import Field, field_validator, model_validator
 from engine.cascade import CascadeConfig
 from engine.config import StrictModel
 from engine.errors import ConfigError
+from engine.screen import ScreenConfig
 
 log = logging.getLogger("mashup.score")
 
@@ -47,15 +48,20 @@ class ScoreConfig(StrictModel):
     )
     node_labels: dict[str, str] = Field(default_factory=dict, description="Ray label selector for the actors' nodes")
     hub_concurrency: int = Field(8, ge=1, description="Hub downloads in flight per actor, and revision look-ups")
-    strategy: Literal["exhaustive", "cascade"] = Field(
-        "exhaustive", description="exhaustive: every donor on the whole sample (the paper); cascade: successive halving"
+    strategy: Literal["exhaustive", "cascade", "screen"] = Field(
+        "exhaustive", description="exhaustive: every donor on the whole sample (the paper); cascade: successive "
+        "halving; screen: first-order screen + exact probe, then exact scoring of the survivors (engine.screen)"
     )
     cascade: CascadeConfig = Field(default_factory=CascadeConfig, description="options of strategy: cascade")
+    screen: ScreenConfig = Field(default_factory=ScreenConfig, description="options of strategy: screen")
 
     @model_validator(mode="after")
     def _cascade_options_need_the_cascade(self) -> "ScoreConfig":
-        if "cascade" in self.model_fields_set and self.strategy != "cascade":
-            raise ValueError("cascade: options given but strategy is 'exhaustive'; set strategy: cascade")
+        screen_cascade = self.strategy == "screen" and self.screen.then == "cascade"
+        if "cascade" in self.model_fields_set and self.strategy != "cascade" and not screen_cascade:
+            raise ValueError(f"cascade: options given but strategy is {self.strategy!r}; set strategy: cascade")
+        if "screen" in self.model_fields_set and self.strategy != "screen":
+            raise ValueError(f"screen: options given but strategy is {self.strategy!r}; set strategy: screen")
         return self
 
     @field_validator("samples", mode="before")
@@ -139,10 +145,11 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     catalog = build_catalog(cfg.donors, cfg.hub_concurrency)
     store = ScoreStore(cfg.out)
     summary = ScoreSummary(cfg.out)
-    if cfg.strategy == "cascade":
+    if cfg.strategy in ("cascade", "screen"):
         from engine.cascade import run_cascade
+        from engine.screen import run_screen
 
-        run_cascade(cfg, opts, sample, catalog, store, summary)
+        (run_cascade if cfg.strategy == "cascade" else run_screen)(cfg, opts, sample, catalog, store, summary)
         store.compact()
         summary.seconds = time.perf_counter() - t0
         return summary

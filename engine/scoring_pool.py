@@ -42,6 +42,9 @@ class Flight:
 class ActorPoolRunner:
     """Runs one scoring job over `cfg.actors` actors; rows go to `store` as each batch returns."""
 
+    actor_cls: type = DonorScorer  # a stage that needs more of its actors (engine.screen) subclasses it
+    method = "score"  # the actor method each batch is sent to: (tasks, sample) -> rows
+
     def __init__(self, cfg, backend_options: dict[str, Any], sample, store):
         self.cfg = cfg
         self.options = backend_options
@@ -66,7 +69,7 @@ class ActorPoolRunner:
         if gpus == "auto":
             gpus = 1 if cluster_has_gpus() else 0
         hooks = {k: v for k, v in os.environ.items() if k.startswith(FAULT_HOOK_PREFIX)}
-        cls = ray.remote(DonorScorer).options(**placement_options(self.cfg, gpus), max_restarts=0, max_task_retries=0,
+        cls = ray.remote(self.actor_cls).options(**placement_options(self.cfg, gpus), max_restarts=0, max_task_retries=0,
                                               runtime_env={"env_vars": {**WORKER_ENV, **hooks}})
         threads = max(1, int(self.cfg.cpus_per_actor))
         actor = cls.remote(self.cfg.backend, self.cfg.base, self.options, self.validation, threads,
@@ -113,7 +116,8 @@ class ActorPoolRunner:
                     self._new_actor()
                 while self.idle and self.queue and not (self.base_pending and self.queue[0] != [None]):
                     actor, batch = self.idle.pop(), self.queue.popleft()
-                    self.inflight[actor.score.remote(batch, sample_ref)] = Flight(actor, batch, time.monotonic())
+                    ref = getattr(actor, self.method).remote(batch, sample_ref)
+                    self.inflight[ref] = Flight(actor, batch, time.monotonic())
                 done, _ = ray.wait([*self.inflight, *self.starting], num_returns=1, timeout=1.0)
                 for ref in done:
                     if ref in self.starting:

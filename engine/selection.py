@@ -114,7 +114,9 @@ def full_sample_rows(rows, source: object = "scores"):
     examples than the full-sample rows. A cascade whose last round is unfinished has no full-sample base row yet.
     """
     from engine.cascade import is_partial
+    from engine.store import exact_rows
 
+    rows = exact_rows(rows, source)
     partial = rows["sample_id"].map(is_partial).astype(bool)
     full = rows[~partial]
     if full.empty:

@@ -41,9 +41,13 @@ SCHEMA = pa.schema(
         ("base_fingerprint", pa.string()),
         ("round", pa.int64()),
         ("written_at", pa.float64()),
+        # "exact": a forward-pass loss; "screen": a first-order prediction (engine.screen), never ranked as a loss.
+        ("kind", pa.string()),
+        ("alignment", pa.float64()),  # screen rows: cosine between -grad L and the donor's ΔW
     ]
 )
-KEY = ["donor", "sample_id", "round"]
+KEY = ["donor", "sample_id", "round", "kind"]
+EXACT, SCREEN = "exact", "screen"
 SCORES = "scores.parquet"
 JOURNAL = "scores.journal.jsonl"
 
@@ -52,6 +56,7 @@ def _normalise(row: dict[str, Any]) -> dict[str, Any]:
     out = {name: row.get(name) for name in SCHEMA.names}
     out["round"] = int(out["round"] or 0)
     out["written_at"] = out["written_at"] or time.time()
+    out["kind"] = out["kind"] or EXACT
     if isinstance(out["meta"], dict):
         out["meta"] = json.dumps(out["meta"], sort_keys=True)
     return out
@@ -87,6 +92,7 @@ def read_scores(path: str | Path) -> pd.DataFrame:
     if not frames:
         return _frame([])
     df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    df["kind"] = df["kind"].fillna(EXACT)  # rows written before the column existed are forward-pass losses
     df = df.sort_values("written_at", kind="stable").drop_duplicates(KEY, keep="last")
     return df.reset_index(drop=True)
 
@@ -105,10 +111,10 @@ class ScoreStore:
     def read(self) -> pd.DataFrame:
         return read_scores(self.dir)
 
-    def completed(self, sample_id: str, round_: int = 0) -> set[str]:
-        """Donors already `ok` for this sample: a resume never scores them again."""
+    def completed(self, sample_id: str, round_: int = 0, kind: str = EXACT) -> set[str]:
+        """Donors already `ok` for this sample (rows of this kind): a resume never scores them again."""
         df = self.read()
-        done = df[(df.status == "ok") & (df.sample_id == sample_id) & (df["round"] == round_)]
+        done = df[(df.status == "ok") & (df.sample_id == sample_id) & (df["round"] == round_) & (df.kind == kind)]
         return set(done.donor)
 
     def append(self, rows: Iterable[dict[str, Any]]) -> None:
@@ -132,3 +138,16 @@ class ScoreStore:
             fh.flush()
             os.fsync(fh.fileno())
         self._last_compact = time.monotonic()
+
+
+def exact_rows(rows: pd.DataFrame, source: object = "scores") -> pd.DataFrame:
+    """Forward-pass rows only: a screening row's `loss` is a first-order prediction, and ranking it as a measured
+    loss would let the screen's worst errors pick donors. Refuses a store that holds nothing else."""
+    from engine.errors import DataError
+
+    kind = rows["kind"].fillna(EXACT) if "kind" in rows.columns else pd.Series(EXACT, index=rows.index)
+    exact = rows[kind == EXACT]
+    if exact.empty and len(rows):
+        raise DataError(f"{source}: only screening rows (kind=screen, first-order predictions); selection never ranks "
+                        "them as exact losses. Score with strategy: screen and screen.then: exhaustive or cascade")
+    return exact

@@ -17,8 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--actors", type=int, help="number of scoring actors (default 1)")
     p.add_argument("--donors-per-call", type=int, dest="donors_per_call", help="donors per actor call (default 8)")
     p.add_argument("--ray-address", dest="ray_address", help="Ray cluster address (default: local Ray)")
-    p.add_argument("--strategy", choices=("exhaustive", "cascade"),
-                   help="exhaustive (default, the paper) or cascade (successive halving; options in the config's cascade:)")
+    p.add_argument("--strategy", choices=("exhaustive", "cascade", "screen"),
+                   help="exhaustive (default, the paper), cascade (successive halving; options in the config's "
+                        "cascade:) or screen (first-order screen + exact probe; options in the config's screen:)")
     p.set_defaults(handler=run)
 
 
