@@ -16,6 +16,7 @@ COMMANDS = (
     "engine.commands.merge",
     "engine.commands.finetune",
     "engine.commands.run",
+    "engine.commands.freeze",
 )
 
 
