@@ -1,8 +1,6 @@
 """`finetune --init` from adapters as the Hub publishes them: it must start from exactly the adapter PEFT loads
 (its step-0 evaluation equals an independent PEFT forward) and train; DoRA is refused in one line, as validation
 (score) and merge refuse it."""
-import shutil
-
 import pytest
 import torch
 
@@ -12,42 +10,19 @@ from engine.data import encode_sample, load_jsonl, sample_examples
 from engine.errors import ConfigError, DonorError
 from engine.testing import peft_reference_loss
 from engine.validate import base_spec, validate_donor
-from tests.adapters import with_adapter_name_in_keys, write_peft_adapter
+from tests.adapters import QV, hub_style_donors, write_peft_adapter
 from tests.support.record import record
 
-QV = ["q_proj", "v_proj"]
 EVAL_N = 6
 
 
 @pytest.fixture(scope="module")
 def hub_style(base_dir, tmp_path_factory):
-    """feature → (folder finetune starts from, folder PEFT's reference loads)."""
-    from safetensors.torch import load_file, save_file
-
-    root = tmp_path_factory.mktemp("ft-variety")
-    out = {}
-
-    def add(name, **lora):
-        path = write_peft_adapter(base_dir, root / name, seed=len(out) + 1, **lora)
-        out[name] = (path, path)
-        return path
-
-    add("rsLoRA + rank/alpha patterns", r=8, lora_alpha=16, target_modules=QV + ["down_proj"], use_rslora=True,
-        rank_pattern={"v_proj": 4}, alpha_pattern={"mlp": 32, "q_proj": 5})
-    add("layers_to_transform", r=8, lora_alpha=16, target_modules=QV, layers_to_transform=[1])
-    add("lora_bias", r=4, lora_alpha=8, target_modules=QV, lora_bias=True)
-    plain = add("plain", r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj"])
-    out["adapter-name keys"] = (with_adapter_name_in_keys(plain, root / "named"), plain)
-    bf16 = shutil.copytree(plain, root / "bf16")
-    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(bf16 / "adapter_model.safetensors")).items()},
-              str(bf16 / "adapter_model.safetensors"))
-    out["bf16 donor"] = (bf16, bf16)
-    del out["plain"]
-    return out
+    return hub_style_donors(base_dir, tmp_path_factory.mktemp("ft-variety"))
 
 
-@pytest.mark.parametrize("feature", ["rsLoRA + rank/alpha patterns", "layers_to_transform", "lora_bias",
-                                     "adapter-name keys", "bf16 donor"])
+@pytest.mark.parametrize("feature", ["rsLoRA", "rank/alpha patterns", "alpha_pattern", "layers_to_transform",
+                                     "lora_bias", "adapter-name keys", "bf16 donor"])
 def test_finetune_init_starts_from_the_adapter_peft_loads(base_dir, tokenizer, task_file, hub_style, tmp_path, feature):
     from engine.finetune import FinetuneConfig, finetune
 
