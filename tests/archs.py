@@ -22,6 +22,12 @@ class Arch:
     vllm: bool = True  # vLLM supports this architecture with LoRA
     note: str = ""
 
+    @property
+    def hf_class(self) -> str:
+        """The transformers model class (config `architectures`), which vLLM resolves its own model from."""
+        return {"GPT2Config": "GPT2LMHeadModel", "GPTNeoXConfig": "GPTNeoXForCausalLM"}.get(
+            self.config, self.config.replace("Config", "ForCausalLM"))
+
     def build_config(self, tok, hidden: int = 32, layers: int = 2, heads: int = 4) -> Any:
         import transformers
 
@@ -50,18 +56,19 @@ ARCHS: dict[str, Arch] = {a.name: a for a in [
          note="tied embeddings, logit soft-capping"),
     Arch("phi3", "Phi3Config", ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
          {"tie_word_embeddings": False}, note="fused qkv_proj, gate_up_proj"),
-    Arch("gpt2", "GPT2Config", ("c_attn", "c_proj", "c_fc"), note="Conv1D (fan_in_fan_out), tied embeddings"),
+    Arch("gpt2", "GPT2Config", ("c_attn", "c_proj", "c_fc"), vllm=False,
+         note="Conv1D (fan_in_fan_out), tied embeddings"),
     Arch("gpt_neox", "GPTNeoXConfig", ("query_key_value", "dense", "dense_4h_to_h"),
-         {"tie_word_embeddings": False}, note="fused query_key_value"),
+         {"tie_word_embeddings": False}, vllm=False, note="fused query_key_value"),
 ]}
 
 
-def build_arch(arch: Arch, out: str | Path, tok, seed: int = 0) -> Path:
+def build_arch(arch: Arch, out: str | Path, tok, seed: int = 0, hidden: int = 32) -> Path:
     """Random-init model of `arch` with `tok`, saved as safetensors; float32, seeded."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = arch.build_config(tok)
+    cfg = arch.build_config(tok, hidden=hidden)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():  # random init is tiny for some families (GPT-2: std 0.02); widen it so LoRAs matter
         for p in model.parameters():

@@ -30,22 +30,22 @@ log = logging.getLogger("mashup.world")
 class LangWorldSpec(StrictModel):
     name: str
     target: str = "capital-city-name"
-    donor_tasks: list[str] = ["capital-of", "country-of-capital", "antonym", "plural", "number-words", "sum",
-                              "sentiment"]
-    donor_steps: int = 30
-    donor_batch: int = 8
-    donor_lr: float = 1e-3
+    donor_tasks: list[str] = ["capital-of", "country-of-capital", "antonym", "plural", "number-words", "sentiment"]
+    donor_steps: int = 24
+    donor_batch: int = 4
+    donor_lr: float = 2e-3
     rank: int = 8
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    train_rows: int = Field(96, description="drawn from the train keys (with replacement when fewer)")
-    val_rows: int = 16
-    eval_rows: int = 22
+    train_rows: int = Field(64, description="drawn from the train keys (with replacement when fewer)")
+    val_rows: int = 12
+    eval_rows: int = 20
     choices: int = 4
 
 
 SCALES = {
     "cpu": LangWorldSpec(name="lang-cpu"),
-    "gpu": LangWorldSpec(name="lang-gpu", donor_steps=200, donor_batch=16, train_rows=512, val_rows=22, eval_rows=22),
+    "gpu": LangWorldSpec(name="lang-gpu", donor_tasks=[*LangWorldSpec.model_fields["donor_tasks"].default, "sum"],
+                         donor_steps=200, donor_batch=16, donor_lr=1e-3, train_rows=512, val_rows=22, eval_rows=22),
 }
 
 

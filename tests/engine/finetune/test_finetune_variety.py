@@ -58,7 +58,7 @@ def test_dora_is_refused_in_one_line_by_score_merge_and_finetune(base_dir, task_
         finetune(FinetuneConfig(base=str(base_dir), data=str(task_file), init=str(dora), out=str(tmp_path / "ft"),
                                 steps=1, batch_size=4, progress=False, device="cpu"))
     assert not (tmp_path / "ft" / "adapter").exists()
-    for where, exc in (("score (validate)", scored), ("merge", merged), ("finetune --init", tuned)):
+    for where, exc in (("score (hf)", scored), ("merge", merged), ("finetune --init", tuned)):
         line = str(exc.value)
         assert "\n" not in line and line.endswith(DORA_UNSUPPORTED), (where, line)
         record("features", "DoRA", where, "refused")
