@@ -45,6 +45,7 @@ def test_one_pool_of_different_target_sets_scores_like_peft(ray_local, base_dir,
         tol = 2e-2 if feature == "bf16 donor" else 1e-5
         assert abs(rows.loc[feature, "loss"] - want) < tol, (feature, rows.loc[feature, "loss"], want)
         record("features", feature, "score (hf)", "ok")
+    record("features", "different target sets in one pool", "score (hf)", "ok")
 
 
 @pytest.mark.parametrize("feature", ["rsLoRA", "rank/alpha patterns", "alpha_pattern", "layers_to_transform",
@@ -69,3 +70,4 @@ def test_each_feature_merges_to_peft_delta_or_is_refused(base_dir, hub_style, tm
     for module in want:
         torch.testing.assert_close(got[module].float(), want[module].float(), atol=tol, rtol=tol)
     record("features", feature, "merge", "ok")
+    record("features", "plain (mlp only)", "merge", "ok")  # the second donor of every merge here, ΔW checked too

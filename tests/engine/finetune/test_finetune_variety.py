@@ -22,7 +22,7 @@ def hub_style(base_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("feature", ["rsLoRA", "rank/alpha patterns", "alpha_pattern", "layers_to_transform",
-                                     "lora_bias", "adapter-name keys", "bf16 donor"])
+                                     "lora_bias", "adapter-name keys", "bf16 donor", "plain (mlp only)"])
 def test_finetune_init_starts_from_the_adapter_peft_loads(base_dir, tokenizer, task_file, hub_style, tmp_path, feature):
     from engine.finetune import FinetuneConfig, finetune
 
