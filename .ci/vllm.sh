@@ -55,5 +55,5 @@ echo "vllm stage: venv ready in $((SECONDS - t0)) s"
 export VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 OMP_WAIT_POLICY=PASSIVE KMP_BLOCKTIME=0 \
   TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1
 t1=$SECONDS
-"$PY" -m pytest -m vllm -q -p no:cacheprovider tests/actors/test_vllm_backend.py "$@"
+"$PY" -m pytest -m vllm -q -p no:cacheprovider tests/actors/test_vllm_backend.py tests/actors/test_vllm_arch.py "$@"
 echo "vllm stage: tests took $((SECONDS - t1)) s (stage total $((SECONDS - t0)) s)"

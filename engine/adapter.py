@@ -41,6 +41,10 @@ KEY_RE = re.compile(
 )
 
 
+# One reason, given alike by validation (score), the merge and `finetune --init`.
+DORA_UNSUPPORTED = "DoRA adapters are not supported (their magnitude vectors do not merge as LoRA)"
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     dtype: str

@@ -59,10 +59,29 @@ def from_directory(root: Path) -> list[DonorEntry]:
     return entries
 
 
-def from_manifest(manifest: Path) -> list[DonorEntry]:
+TRUSTED_ROOTS_ENV = "MASHUP_TRUSTED_ROOTS"
+
+
+def trusted_roots(configured: Iterable[str | Path] = ()) -> list[Path]:
+    """Folders a manifest may point into besides its own: the config's `trusted_roots` plus the
+    MASHUP_TRUSTED_ROOTS environment variable (os.pathsep-separated), as absolute paths."""
+    env = [p for p in os.environ.get(TRUSTED_ROOTS_ENV, "").split(os.pathsep) if p.strip()]
+    roots = []
+    for raw in [*configured, *env]:
+        p = Path(raw).expanduser()
+        if not p.is_absolute():
+            raise ConfigError(f"trusted_roots: {str(raw)!r} is not an absolute path")
+        roots.append(p)
+    return roots
+
+
+def from_manifest(manifest: Path, trusted: Iterable[Path] = ()) -> list[DonorEntry]:
+    """Rows of a JSONL manifest. A local path must resolve inside the manifest's folder, or inside one of the
+    `trusted` roots (adapters on shared storage): a manifest can then never make the scorer read files elsewhere."""
     from engine.data import iter_jsonl
 
     root = manifest.parent.absolute()
+    trusted = list(trusted)
     entries = []
     for where, row in iter_jsonl(manifest, ConfigError):
         if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not isinstance(row.get("path"), str):
@@ -73,9 +92,11 @@ def from_manifest(manifest: Path) -> list[DonorEntry]:
             entries.append(DonorEntry(row["id"], raw, None, meta, revision=_revision(raw)))
             continue
         path = (root / raw) if not os.path.isabs(raw) else Path(raw)
-        entry = DonorEntry(row["id"], str(path), str(root), meta)
-        if not inside(root, path):
-            entry.error = f"manifest path {raw!r} escapes the manifest folder {root}"
+        holder = root if inside(root, path) else next((t for t in trusted if inside(t, path)), None)
+        entry = DonorEntry(row["id"], str(path), str(holder or root), meta)
+        if holder is None:
+            entry.error = (f"manifest path {raw!r} escapes the manifest folder {root}; to allow it, name a folder "
+                           f"that holds it in score.trusted_roots or {TRUSTED_ROOTS_ENV} (os.pathsep-separated)")
         entries.append(entry)
     return entries
 
@@ -84,8 +105,8 @@ def _revision(uri: str) -> str | None:
     return uri.partition("@")[2] or None
 
 
-def from_source(source: str) -> list[DonorEntry]:
-    """One user-given source string → its donors."""
+def from_source(source: str, trusted: Iterable[Path] = ()) -> list[DonorEntry]:
+    """One user-given source string → its donors (`trusted`: extra roots a manifest may point into)."""
     if source.startswith("hf-collection://"):
         from engine.hub import collection_items
 
@@ -96,17 +117,19 @@ def from_source(source: str) -> list[DonorEntry]:
     if p.is_dir():
         return from_directory(p)
     if p.is_file() and p.suffix in (".jsonl", ".json"):
-        return from_manifest(p)
+        return from_manifest(p, trusted)
     raise ConfigError(f"donors: {source!r} is not a folder, a .jsonl manifest, hf://… or hf-collection://…")
 
 
-def build_catalog(sources: Iterable[str], hub_concurrency: int = HUB_CONCURRENCY) -> list[DonorEntry]:
+def build_catalog(sources: Iterable[str], hub_concurrency: int = HUB_CONCURRENCY,
+                  trusted: Iterable[str | Path] = ()) -> list[DonorEntry]:
     """All donors of all sources, Hub donors pinned to a commit; a repeated id is kept once and each repeat is
-    marked failed, never dropped silently."""
+    marked failed, never dropped silently. `trusted`: the score config's trusted_roots (the env var is added)."""
+    roots = trusted_roots(trusted)
     seen: dict[str, DonorEntry] = {}
     out: list[DonorEntry] = []
     for source in sources:
-        for entry in from_source(source):
+        for entry in from_source(source, roots):
             if entry.donor == "__base__":
                 entry.error = "the id '__base__' is reserved for the base model"
             if entry.donor in seen:

@@ -18,6 +18,7 @@ COMMANDS = (
     "engine.commands.finetune",
     "engine.commands.run",
     "engine.commands.checkpoints",
+    "engine.commands.freeze",
 )
 
 

@@ -26,6 +26,8 @@ log = logging.getLogger("mashup.score")
 class ScoreConfig(StrictModel):
     base: str = Field(description="base model folder or hf://org/name[@rev]")
     donors: list[str] = Field(min_length=1, description="donor sources: folders, manifests, hf://, hf-collection://")
+    trusted_roots: list[Path] = Field(default_factory=list, description="absolute folders a manifest's paths may "
+                                      "point into besides its own (adds to MASHUP_TRUSTED_ROOTS)")
     data: Path
     out: Path
     samples: int | None = Field(256, ge=1, description="examples scored per donor (None: all)")
@@ -142,7 +144,7 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     opts = cfg.backend_opts()
     cfg, base_fp = pin_base(cfg)
     sample = prepare_sample(cfg, base_fp)
-    catalog = build_catalog(cfg.donors, cfg.hub_concurrency)
+    catalog = build_catalog(cfg.donors, cfg.hub_concurrency, cfg.trusted_roots)
     store = ScoreStore(cfg.out)
     summary = ScoreSummary(cfg.out)
     if cfg.strategy in ("cascade", "screen"):

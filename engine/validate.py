@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.adapter import CONFIG_FILE, WEIGHTS_FILE, Adapter, open_adapter, weights_path
+from engine.adapter import CONFIG_FILE, DORA_UNSUPPORTED, WEIGHTS_FILE, Adapter, open_adapter, weights_path
 from engine.catalog import inside
 from engine.errors import DonorError
 
@@ -70,7 +70,7 @@ def validate_donor(
                 raise DonorError(donor, f"{f.name} resolves outside the pool root {root} (symlink?)")
     adapter = open_adapter(donor, folder)
     if adapter.config.raw.get("use_dora"):
-        raise DonorError(donor, "DoRA adapters are not supported (their magnitude vectors do not merge as LoRA)")
+        raise DonorError(donor, DORA_UNSUPPORTED)
     base_name = adapter.config.base_model or ""
     if strict_base_name and base_name and not _names_match(base_name, spec.name):
         raise DonorError(donor, f"trained on a different base model ({base_name!r}, expected {spec.name!r})")

@@ -83,3 +83,34 @@ def peft_reference_loss(base_dir: str | Path, adapter: str | Path | None, sample
             hits += (logits.argmax(-1)[sl] == targets[sl]).sum().item()
             n += ex.n_completion
     return nll / n, hits / n
+
+
+QV = ["q_proj", "v_proj"]
+
+
+def hub_style_donors(base_dir: str | Path, root: str | Path) -> dict[str, tuple[Path, Path]]:
+    """One donor per Hub-style feature, with different target sets: feature → (folder we use, folder PEFT's
+    reference loads: the same, except for adapter-name keys, which PEFT reads from the plain copy)."""
+    from safetensors.torch import load_file, save_file
+
+    root = Path(root)
+    out: dict[str, tuple[Path, Path]] = {}
+
+    def add(name: str, **lora: Any) -> Path:
+        path = write_peft_adapter(base_dir, root / name.replace(" ", "_").replace("/", "_"), seed=len(out) + 1, **lora)
+        out[name] = (path, path)
+        return path
+
+    add("rsLoRA", r=4, lora_alpha=8, target_modules=QV, use_rslora=True)
+    add("rank/alpha patterns", r=8, lora_alpha=16, target_modules=QV + ["down_proj"], use_rslora=True,
+        rank_pattern={"v_proj": 4}, alpha_pattern={"mlp": 32, "q_proj": 5})
+    add("alpha_pattern", r=4, lora_alpha=8, target_modules=QV + ["o_proj"], alpha_pattern={"o_proj": 2})
+    add("layers_to_transform", r=4, lora_alpha=16, target_modules=QV, layers_to_transform=[1])
+    add("lora_bias", r=4, lora_alpha=8, target_modules=QV, lora_bias=True)
+    plain = add("plain (mlp only)", r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj"])
+    out["adapter-name keys"] = (with_adapter_name_in_keys(plain, root / "named"), plain)
+    bf16 = shutil.copytree(plain, root / "bf16")
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(bf16 / "adapter_model.safetensors")).items()},
+              str(bf16 / "adapter_model.safetensors"))
+    out["bf16 donor"] = (bf16, bf16)
+    return out

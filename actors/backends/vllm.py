@@ -32,7 +32,7 @@ from actors.backends.base import Backend, BackendOptions, DonorRequest, DonorSco
 from actors.backends.vllm_cpu_compat import vllm_distribution
 from engine.adapter import open_adapter
 from engine.data import EncodedSample
-from engine.errors import DonorError
+from engine.errors import ConfigError, DonorError
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,58 @@ def precheck(path: str | Path, max_rank: int | None = None) -> str | None:
     return None
 
 
+def _base_config(base: str) -> dict:
+    import json
+
+    try:
+        return json.loads((Path(base) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _architecture(base: str) -> str:
+    return ", ".join(_base_config(base).get("architectures") or ["?"])
+
+
+def cpu_unsupported_reason(base: str) -> str | None:
+    """What vllm-cpu would score wrong, silently: its CPU attention ignores attention-logit soft-capping (Gemma 2),
+    so even the base model's log-probs differ from transformers (0.027 nats on the test model; equal to 1e-7 with
+    the capping removed, tests/actors/test_vllm_arch.py)."""
+    cap = _base_config(base).get("attn_logit_softcapping")
+    if cap:
+        return (f"vllm-cpu ignores attn_logit_softcapping ({cap}) of {_architecture(base)}, so its log-probs would be "
+                "wrong")
+    arch = _architecture(base)
+    try:
+        from vllm.model_executor.models import ModelRegistry
+
+        module = getattr(ModelRegistry.models.get(arch), "module_name", "")
+    except Exception:  # noqa: BLE001 - another vLLM version: let the engine decide
+        return None
+    if module.endswith(".transformers"):  # GPT-NeoX: start-up dies in an internal assertion on vllm-cpu 0.32.0
+        return f"vLLM has no native {arch} and its Transformers fallback does not start on vllm-cpu"
+    return None
+
+
+def lora_unsupported_reason(base: str) -> str | None:
+    """Why vLLM cannot run LoRAs on this base's architecture, from vLLM's model registry, before an engine starts
+    (with a multiprocess engine vLLM's own refusal arrives as "engine core initialization failed"). None: supported,
+    or the registry could not tell (vLLM then decides at start-up)."""
+    arch = _architecture(base)
+    try:
+        from vllm.model_executor.models import ModelRegistry
+        from vllm.model_executor.models.interfaces import supports_lora
+
+        if arch not in ModelRegistry.get_supported_archs():
+            return f"vLLM does not support the architecture {arch}"
+        cls = ModelRegistry._try_load_model_cls(arch)  # noqa: SLF001 - the registry's own loader, no public one
+    except Exception:  # noqa: BLE001 - another vLLM version: let the engine decide
+        return None
+    if cls is not None and not supports_lora(cls):
+        return f"vLLM's {cls.__name__} for {arch} does not support LoRA adapters"
+    return None
+
+
 def _on_cpu(options: VLLMOptions) -> bool:
     dist = vllm_distribution()
     return options.device == "cpu" or (options.device == "auto" and dist is not None and dist[0] == "vllm-cpu")
@@ -143,6 +195,10 @@ class VLLMBackend(Backend):
     def _start(self) -> None:
         from vllm import LLM
 
+        reason = lora_unsupported_reason(self.base) or (cpu_unsupported_reason(self.base) if self.cpu else None)
+        if reason:
+            raise ConfigError(f"backend vllm: {reason}; score this base with backend: hf")
+
         o = self.options
         dtype = o.dtype if o.dtype != "auto" else ("float32" if self.cpu else "bfloat16")
         kwargs = dict(
@@ -165,7 +221,13 @@ class VLLMBackend(Backend):
         if o.max_model_len:
             kwargs["max_model_len"] = o.max_model_len
         t0 = time.perf_counter()
-        self.llm = LLM(**kwargs)
+        try:
+            self.llm = LLM(**kwargs)
+        except (ValueError, NotImplementedError) as exc:  # in-process engine: vLLM's own refusal, in one line
+            if "LoRA" not in str(exc):
+                raise
+            raise ConfigError(f"backend vllm: {_architecture(self.base)}: {short_error(exc)}; score this base with "
+                              "backend: hf") from None
         log.info("vllm engine up in %.1f s (max_lora_rank=%d, max_loras=%d, max_cpu_loras=%d, patched=%s)",
                  time.perf_counter() - t0, self.rank, self.max_loras, self.max_cpu_loras, self.patched)
 

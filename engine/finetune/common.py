@@ -104,6 +104,10 @@ def check_init_dir(path: str) -> Path:
     weights = init / "adapter_model.safetensors"
     if not weights.is_file():
         raise ConfigError(f"init: {init} has no adapter_model.safetensors (only safetensors weights are loaded)")
+    from engine.adapter import DORA_UNSUPPORTED, read_config
+
+    if read_config(str(init), init).raw.get("use_dora"):
+        raise ConfigError(f"init: {init}: {DORA_UNSUPPORTED}")
     verify_merge_checksum(init, weights)
     return init
 

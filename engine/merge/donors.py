@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from engine.adapter import CONFIG_FILE, WEIGHTS_FILE, ModuleFactors, open_adapter, read_config
+from engine.adapter import CONFIG_FILE, DORA_UNSUPPORTED, WEIGHTS_FILE, ModuleFactors, open_adapter, read_config
 from engine.errors import ConfigError, DonorError
 from engine.merge.base import ModuleSpec
 
@@ -56,6 +56,8 @@ def read_donor(name: str, path: str | Path, layouts: dict | None = None) -> Dono
     parsed once and share one module table (kilobytes, not megabytes, and no per-donor parsing cost).
     """
     adapter = open_adapter(name, path, layouts)
+    if adapter.config.raw.get("use_dora"):
+        raise DonorError(name, DORA_UNSUPPORTED)  # the same line validation and finetune --init give
     extras = adapter.config.extras() + [f"tensor {k}" for k in adapter.extra_keys[:3]]
     if extras:
         raise DonorError(name, f"{', '.join(extras)} is not supported by the merge (only LoRA A/B factors merge)")
