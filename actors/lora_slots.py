@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from engine.adapter import WEIGHTS_FILE, ModuleFactors, open_adapter
+from engine.core.adapter import WEIGHTS_FILE, ModuleFactors, open_adapter
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class DonorLayout:
 
 
 def read_layout(folder: str | Path) -> DonorLayout | None:
-    """Ranks and scales per module (PEFT's pattern rules, via engine.adapter); None when the donor needs features
+    """Ranks and scales per module (PEFT's pattern rules, via engine.core.adapter); None when the donor needs features
     slots don't model (embedding LoRAs, biases, DoRA, saved modules): PEFT loads those itself."""
     adapter = open_adapter(str(folder), folder)
     if not adapter.plain:

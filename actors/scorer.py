@@ -19,9 +19,9 @@ from typing import Any
 
 from actors.backends import get_backend
 from actors.backends.base import BASE, DonorRequest, DonorScore
-from engine.catalog import DonorEntry
-from engine.data import EncodedSample
-from engine.errors import DonorError
+from engine.core.donor import DonorEntry
+from engine.core.data import EncodedSample
+from engine.core.errors import DonorError
 
 # Fault-injection hooks, inert unless set; the driver forwards every MASHUP_TEST_* variable to its actors.
 FAULT_HOOK_PREFIX = "MASHUP_TEST_"
@@ -64,8 +64,8 @@ class DonorScorer:
         import torch
         from transformers.utils import logging as hf_logging
 
-        from engine.hub import resolve_base
-        from engine.validate import base_spec
+        from engine.core.hub import resolve_base
+        from engine.core.validate import base_spec
 
         hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor and rebuild is noise in the job log
         if threads > 0:
@@ -94,9 +94,9 @@ class DonorScorer:
     def _prepare(self, task: ScoreTask, fetched: dict[str, str | BaseException]) -> tuple[DonorRequest, ScoreTask]:
         """The request for one donor, and its task as scored: a Hub donor's path and revision name the commit
         this node's cache actually holds, which is what its row records."""
-        from engine.adapter import fingerprint, stat_signature
-        from engine.hub import HubRef, hub_error, snapshot_commit
-        from engine.validate import validate_donor
+        from engine.core.adapter import fingerprint, stat_signature
+        from engine.core.hub import HubRef, hub_error, snapshot_commit
+        from engine.core.validate import validate_donor
 
         entry = task.entry
         if entry.error:
@@ -116,7 +116,7 @@ class DonorScorer:
 
     def score(self, tasks: list[ScoreTask | None], sample: EncodedSample) -> list[dict[str, Any]]:
         """`None` in `tasks` stands for the base model. Returns one row per task, in order."""
-        from engine.hub import fetch_all
+        from engine.core.hub import fetch_all
 
         hub = [t.entry.path for t in tasks if t is not None and t.entry.is_hub and not t.entry.error]
         fetched = fetch_all(hub, self.fetch_workers)

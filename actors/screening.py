@@ -19,12 +19,12 @@ from typing import Any
 
 import torch
 
-from actors.losses import chunk_by_tokens, completion_head, left_pad, model_inputs
+from engine.core.losses import chunk_by_tokens, completion_head, left_pad, model_inputs
 from actors.scorer import DonorScorer, ScoreTask, score_row
 from actors.backends.base import BASE, DonorScore
-from engine.adapter import Adapter, open_adapter
-from engine.data import EncodedSample
-from engine.errors import DonorError
+from engine.core.adapter import Adapter, open_adapter
+from engine.core.data import EncodedSample
+from engine.core.errors import DonorError
 
 UNSCREENABLE = "unscreenable"  # a screen row's status: the donor goes to exact scoring
 
@@ -134,7 +134,7 @@ class ScreeningScorer(DonorScorer):
             if model is None or getattr(self.backend, "peft", None) is not None:  # vLLM, or slots injected
                 from transformers import AutoModelForCausalLM
 
-                from actors.backends.base import resolve_device, resolve_dtype
+                from engine.core.device import resolve_device, resolve_dtype
 
                 device = resolve_device(self.options.device)
                 model = AutoModelForCausalLM.from_pretrained(
@@ -146,7 +146,7 @@ class ScreeningScorer(DonorScorer):
 
     def screen(self, tasks: list[ScoreTask | None], sample: EncodedSample) -> list[dict[str, Any]]:
         """One screen row per task (kind `screen`): predicted loss and alignment, or `unscreenable`/`failed`."""
-        from engine.hub import fetch_all
+        from engine.core.hub import fetch_all
 
         grad = self._gradient(sample)
         fetched = fetch_all([t.entry.path for t in tasks if t and t.entry.is_hub and not t.entry.error],

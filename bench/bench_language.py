@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench.readme import replace_block
 from bench.world.lang_build import SCALES, build
-from engine.atomic import atomic_write_text
+from engine.core.atomic import atomic_write_text
 
 README_BLOCK = "bench-language"
 CONFIGS = {"cpu": Path("configs/lang_recycling.yaml"), "gpu": Path("configs/lang_recycling_gpu.yaml")}
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-readme", dest="readme", action="store_false")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from engine.config import build_config
+    from engine.core.config import build_config
     from engine.run import RunConfig, run
 
     spec = SCALES[args.scale]

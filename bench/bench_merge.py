@@ -95,7 +95,7 @@ def worker_read(paths: list[Path]) -> dict:
 
 def worker_hash(paths: list[Path]) -> dict:
     """sha256 of the same files: merge_info.json records it, so a merge pays it (in a helper process)."""
-    from engine.adapter import sha256_file
+    from engine.core.adapter import sha256_file
 
     baseline = rss_now_mb()
     start, cpu = time.perf_counter(), time.process_time()

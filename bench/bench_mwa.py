@@ -21,8 +21,8 @@ from typing import Any
 
 from pydantic import Field
 
-from engine.config import StrictModel, validate
-from engine.errors import ConfigError
+from engine.core.config import StrictModel, validate
+from engine.core.errors import ConfigError
 
 log = logging.getLogger("mashup.bench.mwa")
 README_BLOCK = "bench-mwa"
@@ -122,7 +122,7 @@ def run_bench(cfg: MwaBenchConfig, command: str = "python -m bench.bench_mwa --r
     """Train (or reuse) every target × seed, measure every rule, write the summary; returns the JSON path."""
     from bench.mwa_report import write_summary
     from engine.checkpoint_arm import AdapterEvaluator
-    from engine.data import load_jsonl
+    from engine.core.data import load_jsonl
 
     t0 = time.perf_counter()
     world = ensure_world(cfg).resolve()

@@ -21,8 +21,8 @@ from pydantic import Field
 
 import yaml
 
-from engine.config import StrictModel, load_yaml, validate
-from engine.errors import ConfigError
+from engine.core.config import StrictModel, load_yaml, validate
+from engine.core.errors import ConfigError
 from engine.run import Arms, ArmSpec, RunConfig, SweepSpec, pending_runs, prepare, run_name
 
 log = logging.getLogger("mashup.bench")

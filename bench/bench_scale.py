@@ -52,7 +52,7 @@ def job(spec: dict) -> dict:
     import ray
 
     from engine.scoring import ScoreConfig, score
-    from engine.store import read_scores
+    from engine.scoring.store import read_scores
 
     # address="local": a fresh Ray of our own, never another user's cluster that happens to run on this machine
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
@@ -94,7 +94,7 @@ def run_job(spec: dict) -> dict:
 def losses(out: Path) -> dict[str, float]:
     """Full-sample losses per donor, as selection ranks them (partial cascade rounds excluded)."""
     from engine.selection import full_sample_rows
-    from engine.store import read_scores
+    from engine.scoring.store import read_scores
 
     rows, _ = full_sample_rows(read_scores(out))
     rows = rows[(rows.status == "ok") & (rows.donor != "__base__")]

@@ -25,7 +25,7 @@ RESULTS = Path("bench/results/scoring.json")
 
 def engine_run(root: Path, actors: int, donors_per_call: int) -> dict:
     from engine.scoring import ScoreConfig, score
-    from engine.store import read_scores
+    from engine.scoring.store import read_scores
 
     out = root / f"out_a{actors}"
     shutil.rmtree(out, ignore_errors=True)

@@ -4,7 +4,7 @@ Per pool, one `strategy: screen` run with `keep_fraction: 1` gives every donor i
 probe loss (`probe` examples) and its exact full-sample loss in one store; a cascade whose first slice is the
 probe then reuses those probe rows (its round 0) and scores its later rounds. Every strategy is then evaluated on
 the same rows: exhaustive (the reference), cascade (real run), screen → exact on the screen's survivors (the
-screen alone gates), and the combined design (engine.screen.survivors: screen ∪ probe survivors → exact).
+screen alone gates), and the combined design (engine.scoring.screen.survivors: screen ∪ probe survivors → exact).
 
 Quality: Spearman(screen, exact); recall of the exact top-k among the top M screened (M = k, 5 %, 10 %, 25 %; a
 donor within one standard error of the k-th best counts as good as it); regret (mean exact loss of the picks
@@ -48,7 +48,7 @@ def run_pool(name: str, base: str, data: str, donors: str, args) -> dict[str, An
     score(ScoreConfig(**common, strategy="screen", screen={"keep_fraction": 1.0, "probe": args.probe,
                                                             "then": "exhaustive"}))
     total = time.time() - t0
-    from engine.store import read_scores
+    from engine.scoring.store import read_scores
 
     first_row = float(read_scores(out).written_at.min()) - t0  # actor start-up + base load + gradient + a batch
     record = json.loads((out / "screen.json").read_text())
@@ -64,9 +64,9 @@ def analyse(run: dict[str, Any], n: int | None, args) -> dict[str, Any]:
     """Every strategy's picks, recall, regret, compute and wall-clock on the first `n` donors (None: all)."""
     import pandas as pd
 
-    from engine.cascade import RoundStats, ok_stats, prefix_id
-    from engine.screen import ScreenConfig, survivors
-    from engine.store import ScoreStore
+    from engine.scoring.cascade import RoundStats, ok_stats, prefix_id
+    from engine.scoring.screen import ScreenConfig, survivors
+    from engine.scoring.store import ScoreStore
 
     store, rec = ScoreStore(run["out"]), run["record"]
     rows = store.read()
@@ -149,7 +149,7 @@ def analyse(run: dict[str, Any], n: int | None, args) -> dict[str, Any]:
 
 def timings(run: dict[str, Any], args) -> None:
     """Per-donor seconds per stage (actor-measured, divided over the actors) and the fixed start-up."""
-    from engine.store import read_scores
+    from engine.scoring.store import read_scores
 
     rows = read_scores(run["out"])
     rec = run["record"]

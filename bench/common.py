@@ -33,7 +33,7 @@ def build_pool_world(n_donors: int, n_examples: int, vocab: int, hidden: int, la
 def load_sample(root: Path):
     from transformers import AutoTokenizer
 
-    from engine.data import encode_sample, load_jsonl
+    from engine.core.data import encode_sample, load_jsonl
 
     return encode_sample(AutoTokenizer.from_pretrained(str(root / "base")), load_jsonl(root / "task.jsonl"))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.analysis import mean_std
-from engine.atomic import atomic_write_text
+from engine.core.atomic import atomic_write_text
 
 README_BLOCK = "bench-mwa"
 METRICS = ("val_accuracy", "val_loss", "eval_accuracy", "eval_loss", "weight_last")

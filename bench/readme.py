@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.atomic import atomic_write_text
-from engine.errors import ConfigError
+from engine.core.atomic import atomic_write_text
+from engine.core.errors import ConfigError
 
 
 def replace_block(name: str, text: str, readme: Path = Path("README.md")) -> Path:

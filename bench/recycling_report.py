@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.analysis import better, mean_std
-from engine.atomic import atomic_write_text
+from engine.core.atomic import atomic_write_text
 
 README_BLOCK = "bench-recycling"
 

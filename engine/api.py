@@ -33,7 +33,7 @@ def merge(
     progress: bool | None = None,
 ) -> Path:
     """Script-friendly `mashup merge`: options left as None take MergeConfig's defaults; returns the adapter folder."""
-    from engine.config import validate
+    from engine.core.config import validate
     from engine.merge.streaming import merge_with_config
 
     options = dict(donors=[str(d) for d in donors] if donors is not None else None, out=out,

@@ -15,8 +15,8 @@ from typing import Any, Literal, Sequence
 
 from pydantic import Field, field_validator
 
-from engine.atomic import atomic_write_text
-from engine.config import StrictModel
+from engine.core.atomic import atomic_write_text
+from engine.core.config import StrictModel
 
 MERGE_DIR = "checkpoint_merge"
 EVALS_FILE = "evals.json"
@@ -71,8 +71,8 @@ class AdapterEvaluator:
 
         from engine.evaluate import evaluate
 
-        from engine.adapter import fingerprint
-        from engine.identity import base_fingerprint
+        from engine.core.adapter import fingerprint
+        from engine.core.identity import base_fingerprint
 
         adapter = Path(adapter)
         key = (f"{name}:{fingerprint(adapter)[:16]}:{examples_digest(examples)[:16]}:"
@@ -117,7 +117,7 @@ def merge_finished_runs(cfg) -> int:
 def report_rows(cfg, arms: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per checkpoint-merge arm, at its best LR: the merge beside the final checkpoint (validation and held-out)."""
     from engine.analysis import mean_std
-    from engine.data import load_jsonl, sample_examples
+    from engine.core.data import load_jsonl, sample_examples
 
     specs = [a for a in cfg.arms if a.checkpoint_merge is not None]
     if not specs:

@@ -21,9 +21,9 @@ from typing import Any, Literal, Sequence
 
 from pydantic import Field
 
-from engine.atomic import atomic_write_text
-from engine.config import StrictModel
-from engine.errors import ConfigError, DataError
+from engine.core.atomic import atomic_write_text
+from engine.core.config import StrictModel
+from engine.core.errors import ConfigError, DataError
 
 MANIFEST_FILE = "checkpoints.jsonl"
 Metric = Literal["loss", "step", "uniform"]
@@ -184,8 +184,8 @@ def merge_checkpoints(source: str | Path, out: str | Path, metric: str = "loss",
     selection = checkpoint_selection(source, metric, penalty, steps=steps)
     paths = [d.path for d in selection.donors]
     weights = [d.weight for d in selection.donors]
-    from engine.adapter import fingerprint
-    from engine.config import validate
+    from engine.core.adapter import fingerprint
+    from engine.core.config import validate
     from engine.merge.streaming import merge_key
 
     config = validate(MergeConfig, {"donors": paths, "weights": weights, "method": method, "out": Path(out),

@@ -7,8 +7,8 @@ import logging
 import os
 import sys
 
-from engine.errors import MashupError
-from engine.version import __version__  # importlib.metadata: the installed distribution's version
+from engine.core.errors import MashupError
+from engine.core.version import __version__  # importlib.metadata: the installed distribution's version
 
 # One line per command; each module defines `register(subparsers)` and sets `handler` on its parser.
 COMMANDS = (

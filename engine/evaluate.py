@@ -1,7 +1,7 @@
 """Held-out evaluation of a causal LM (plain or PEFT): completion-token loss, token accuracy, multiple-choice accuracy.
 
 Results are kept as sums, not means, so that shards evaluated on different workers add up exactly to the result
-of one process (docs/contracts.md, "Task data": the loss is token-weighted). The math is `actors.losses`, the
+of one process (docs/contracts.md, "Task data": the loss is token-weighted). The math is `engine.core.losses`, the
 same as scoring, so a step-0 evaluation of an adapter equals its score.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any, Sequence
 
 import torch
 
-from actors.losses import chunk_by_tokens, completion_stats, left_pad, model_inputs
-from engine.data import Encoded, Example, encode_example
+from engine.core.losses import chunk_by_tokens, completion_stats, left_pad, model_inputs
+from engine.core.data import Encoded, Example, encode_example
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """`mashup freeze`: Hub donor sources → a pinned JSONL manifest, one row per donor with its resolved commit.
 
 A collection or a branch moves; a study must not. Freezing resolves every `hf://` id and every model of an
-`hf-collection://` once (engine.catalog.pin_revisions, the same resolution scoring uses) and writes rows that
+`hf-collection://` once (engine.scoring.catalog.pin_revisions, the same resolution scoring uses) and writes rows that
 `mashup score` reads back as `hf://owner/name@<commit>`, so a rerun months later scores the same files.
 """
 from __future__ import annotations
@@ -10,10 +10,11 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from engine.atomic import atomic_write_text
-from engine.catalog import HUB_CONCURRENCY, DonorEntry, from_source, pin_revisions
-from engine.errors import ConfigError
-from engine.hub import COMMIT
+from engine.core.atomic import atomic_write_text
+from engine.scoring.catalog import HUB_CONCURRENCY, from_source, pin_revisions
+from engine.core.donor import DonorEntry
+from engine.core.errors import ConfigError
+from engine.core.hub import COMMIT
 
 
 def freeze(sources: Sequence[str], out: str | Path, concurrency: int = HUB_CONCURRENCY) -> list[DonorEntry]:

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from engine.analysis import ArmRuns, best_lr, load_runs, mean_std, parity_step, seconds_at
-from engine.atomic import atomic_write_text
+from engine.core.atomic import atomic_write_text
 
 
 def _final_eval(cfg, run_dir: Path) -> dict[str, Any]:
     """Held-out evaluation of a finished run's adapter, cached beside it under a key of the adapter's content,
     the eval file's bytes and the base's fingerprint: a retrained run or an edited eval file is evaluated again."""
-    from engine.adapter import fingerprint, sha256_file
-    from engine.identity import base_fingerprint, key_of
+    from engine.core.adapter import fingerprint, sha256_file
+    from engine.core.identity import base_fingerprint, key_of
 
     key = key_of([fingerprint(run_dir / "adapter"), sha256_file(cfg.eval), base_fingerprint(cfg.base)[1]])
     cache = run_dir / "final_eval.json"
@@ -31,7 +31,7 @@ def _final_eval(cfg, run_dir: Path) -> dict[str, Any]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.data import load_jsonl
+    from engine.core.data import load_jsonl
     from engine.evaluate import evaluate
 
     from engine.finetune.outputs import INFO_FILE
@@ -68,7 +68,7 @@ def _merge_overhead(timings: dict[str, float], cfg, spec) -> float:
 
 
 def collect(cfg) -> dict[str, Any]:
-    from engine.store import read_scores
+    from engine.scoring.store import read_scores
 
     arms: dict[str, ArmRuns] = {}
     for arm in cfg.arms:

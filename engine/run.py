@@ -15,10 +15,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field
 
-from engine.atomic import atomic_write_text
+from engine.core.atomic import atomic_write_text
 from engine.checkpoint_arm import CheckpointMergeSpec
-from engine.config import StrictModel, format_validation_error
-from engine.errors import ConfigError
+from engine.core.config import StrictModel, format_validation_error
+from engine.core.errors import ConfigError
 
 log = logging.getLogger("mashup.run")
 
@@ -144,7 +144,7 @@ class RunConfig(StrictModel):
 
     def check(self) -> None:
         """Every stage's config, validated before any expensive work."""
-        from engine.paths import check_paths
+        from engine.core.paths import check_paths
 
         if self.baseline not in {a.name for a in self.arms}:
             raise ConfigError(f"baseline: {self.baseline!r} is not one of the arms")
@@ -180,7 +180,7 @@ class RunConfig(StrictModel):
         """Parse and tokenize every data file now: a bad val or eval file must not surface after scoring and merging."""
         from transformers import AutoConfig
 
-        from engine.data import encode_sample, load_jsonl
+        from engine.core.data import encode_sample, load_jsonl
         from engine.finetune.common import load_task, load_tokenizer
 
         ft = self.finetune_config(self.arms[0], self.lrs()[0], self.sweep.seeds[0])

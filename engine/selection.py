@@ -16,9 +16,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from engine.atomic import atomic_write_text
-from engine.config import StrictModel
-from engine.errors import ConfigError, DataError
+from engine.core.atomic import atomic_write_text
+from engine.core.config import StrictModel
+from engine.core.errors import ConfigError, DataError
 from engine.weighting import Weighting, compute_weights
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class SelectedDonor(StrictModel):
     weight: float
     path: str | None = None
     token_accuracy: float | None = None
-    fingerprint: str | None = None  # the content fingerprint of the files that were scored (engine.adapter)
+    fingerprint: str | None = None  # the content fingerprint of the files that were scored (engine.core.adapter)
 
 
 class Selection(StrictModel):
@@ -95,8 +95,8 @@ class Selection(StrictModel):
 
 
 def read_score_rows(scores: str | Path):
-    """The deduplicated store rows; `engine.store.read_scores` also folds in the write-ahead journal."""
-    from engine.store import read_scores
+    """The deduplicated store rows; `engine.scoring.store.read_scores` also folds in the write-ahead journal."""
+    from engine.scoring.store import read_scores
 
     path = Path(scores)
     if not path.exists():
@@ -113,8 +113,8 @@ def full_sample_rows(rows, source: object = "scores"):
     A cascade's partial-slice rows (`sample_id` "<sample>@<n>") are never ranked: their losses cover fewer
     examples than the full-sample rows. A cascade whose last round is unfinished has no full-sample base row yet.
     """
-    from engine.cascade import is_partial
-    from engine.store import exact_rows
+    from engine.scoring.cascade import is_partial
+    from engine.scoring.store import exact_rows
 
     rows = exact_rows(rows, source)
     partial = rows["sample_id"].map(is_partial).astype(bool)
@@ -271,7 +271,7 @@ def select(
     out: str | Path | None = None,
 ) -> Selection:
     """Script-friendly `mashup select`: options left as None take SelectConfig's defaults; writes `out` if given."""
-    from engine.config import validate
+    from engine.core.config import validate
 
     options = dict(scores=scores, k=k, strategy=strategy, metric=metric, below_base=below_base, seed=seed, weighting=weighting,
                    penalty=penalty, temperature=temperature, out=out)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Literal, Sequence
 
-from engine.errors import ConfigError, DataError
+from engine.core.errors import ConfigError, DataError
 
 Weighting = Literal["uniform", "mwa", "mwa-steps", "softmax"]
 WEIGHTINGS: tuple[str, ...] = ("uniform", "mwa", "mwa-steps", "softmax")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import load_yaml, validate
+from engine.core.config import load_yaml, validate
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 COMMANDS = ("mashup", "ray job submit", "python -m")
@@ -64,7 +64,7 @@ def test_config_validates(path):
 
 def test_a_bad_nested_key_is_caught(tmp_path):
     """The nested check can fail: a typo inside a run's finetune section, and inside backend_options."""
-    from engine.errors import ConfigError
+    from engine.core.errors import ConfigError
     from engine.run import RunConfig
     from engine.scoring import ScoreConfig
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 
 from actors.backends.base import Backend
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
 
 BACKENDS: dict[str, str] = {
     "hf": "actors.backends.hf:HFBackend",

@@ -12,8 +12,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from engine.config import StrictModel
-from engine.data import EncodedSample
+from engine.core.config import StrictModel
+from engine.core.data import EncodedSample
 
 BASE = "__base__"
 
@@ -100,19 +100,3 @@ def short_error(exc: BaseException) -> str:
     """One line a donor's `error` can carry: the exception type and the first line of its message."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def resolve_dtype(dtype: str, device: str):
-    import torch
-
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, dtype)

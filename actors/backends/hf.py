@@ -19,18 +19,10 @@ from pydantic import Field
 
 from actors.adapter_cache import AdapterLRU
 from actors.lora_slots import LoraSlots, read_layout
-from actors.backends.base import (
-    BASE,
-    Backend,
-    BackendOptions,
-    DonorRequest,
-    DonorScore,
-    resolve_device,
-    resolve_dtype,
-    short_error,
-)
-from actors.losses import chunk_by_tokens, completion_head, completion_stats, left_pad, model_inputs
-from engine.data import EncodedSample
+from actors.backends.base import BASE, Backend, BackendOptions, DonorRequest, DonorScore, short_error
+from engine.core.device import resolve_device, resolve_dtype
+from engine.core.losses import chunk_by_tokens, completion_head, completion_stats, left_pad, model_inputs
+from engine.core.data import EncodedSample
 
 
 class HFOptions(BackendOptions):

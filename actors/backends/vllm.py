@@ -30,9 +30,9 @@ from pydantic import Field
 
 from actors.backends.base import Backend, BackendOptions, DonorRequest, DonorScore, short_error
 from actors.backends.vllm_cpu_compat import vllm_distribution
-from engine.adapter import open_adapter
-from engine.data import EncodedSample
-from engine.errors import ConfigError, DonorError
+from engine.core.adapter import open_adapter
+from engine.core.data import EncodedSample
+from engine.core.errors import ConfigError, DonorError
 
 log = logging.getLogger(__name__)
 

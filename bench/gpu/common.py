@@ -154,6 +154,6 @@ def big_world(root: Path, p: dict, device: str) -> dict:
 def encode(base: Path, task: Path):
     from transformers import AutoTokenizer
 
-    from engine.data import encode_sample, load_jsonl
+    from engine.core.data import encode_sample, load_jsonl
 
     return encode_sample(AutoTokenizer.from_pretrained(str(base)), load_jsonl(task))

@@ -21,7 +21,7 @@ from bench.gpu.common import big_world, encode, free, log, sync, time_matmul
 
 def padded_tokens(lengths: list[int], n_donors_per_call: int, budget: int) -> int:
     """Tokens the hf backend actually pushes through the model for one call of `n` donors (padding included)."""
-    from actors.losses import chunk_by_tokens
+    from engine.core.losses import chunk_by_tokens
 
     rows = sorted(lengths * n_donors_per_call)
     return sum(max(c) * len(c) for c in chunk_by_tokens(rows, lambda x: x, budget))

@@ -16,8 +16,8 @@ from pathlib import Path
 from pydantic import Field
 
 from bench.world import tasks as T
-from engine.atomic import atomic_write_text
-from engine.config import StrictModel
+from engine.core.atomic import atomic_write_text
+from engine.core.config import StrictModel
 
 log = logging.getLogger("mashup.world")
 

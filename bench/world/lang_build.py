@@ -21,8 +21,8 @@ from pydantic import Field
 from bench.world import language as L
 from bench.world.smollm2 import DEFAULT_OUT as MODEL_DIR
 from bench.world.smollm2 import ensure as ensure_model
-from engine.atomic import atomic_write_text
-from engine.config import StrictModel
+from engine.core.atomic import atomic_write_text
+from engine.core.config import StrictModel
 
 log = logging.getLogger("mashup.world")
 

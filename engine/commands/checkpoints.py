@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from engine.checkpoints import checkpoint_selection, merge_checkpoints
 
     if args.penalty is not None and args.penalty < 0:
-        from engine.errors import ConfigError
+        from engine.core.errors import ConfigError
 
         raise ConfigError(f"penalty: must be >= 0, got {args.penalty}")
     selection = checkpoint_selection(args.run_dir, args.metric, args.penalty, out=args.out, steps=args.steps)

@@ -26,9 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.config import build_config
+    from engine.core.config import build_config
     from engine.finetune import FinetuneConfig, finetune
-    from engine.paths import check_paths
+    from engine.core.paths import check_paths
 
     keys = (
         "base", "data", "init", "eval", "out", "executor", "steps", "batch_size", "grad_accum", "lr", "seed",

@@ -32,10 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from engine.config import build_config
+    from engine.core.config import build_config
     from engine.merge.config import MergeConfig
     from engine.merge.streaming import MERGE_INFO_FILE, merge_with_config
-    from engine.paths import check_paths
+    from engine.core.paths import check_paths
 
     keys = ("selection", "donors", "weights", "method", "out", "dtype", "density", "majority_sign", "seed",
             "svd_rank", "refactor_rank", "refactor_alpha", "overwrite", "progress")

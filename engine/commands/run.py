@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.config import build_config
+    from engine.core.config import build_config
     from engine.run import RunConfig, run as run_all
 
     cfg = build_config(RunConfig, args.config, {"out": args.out})

@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.config import build_config
+    from engine.core.config import build_config
     from engine.scoring import ScoreConfig, score
 
     keys = ("base", "donors", "data", "out", "samples", "seed", "backend", "actors", "donors_per_call", "ray_address",

@@ -27,9 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.config import build_config
-    from engine.errors import ConfigError
-    from engine.paths import check_paths
+    from engine.core.config import build_config
+    from engine.core.errors import ConfigError
+    from engine.core.paths import check_paths
     from engine.selection import SelectConfig, select_with_config
 
     keys = ("scores", "k", "strategy", "metric", "below_base", "seed", "weighting", "penalty", "temperature", "out")

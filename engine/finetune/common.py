@@ -13,9 +13,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from actors.losses import completion_stats, left_pad, model_inputs
-from engine.data import Encoded, Example, encode_sample, load_jsonl, sample_examples
-from engine.errors import ConfigError, DataError
+from engine.core.losses import completion_stats, left_pad, model_inputs
+from engine.core.data import Encoded, Example, encode_sample, load_jsonl, sample_examples
+from engine.core.errors import ConfigError, DataError
 from engine.evaluate import EvalResult, evaluate, pad_token_id
 from engine.finetune.config import FinetuneConfig
 
@@ -104,7 +104,7 @@ def check_init_dir(path: str) -> Path:
     weights = init / "adapter_model.safetensors"
     if not weights.is_file():
         raise ConfigError(f"init: {init} has no adapter_model.safetensors (only safetensors weights are loaded)")
-    from engine.adapter import DORA_UNSUPPORTED, read_config
+    from engine.core.adapter import DORA_UNSUPPORTED, read_config
 
     if read_config(str(init), init).raw.get("use_dora"):
         raise ConfigError(f"init: {init}: {DORA_UNSUPPORTED}")
@@ -119,7 +119,7 @@ def verify_merge_checksum(init: Path, weights: Path) -> None:
     """
     import json
 
-    from engine.adapter import sha256_file
+    from engine.core.adapter import sha256_file
 
     info_path = init / "merge_info.json"
     if not info_path.is_file():

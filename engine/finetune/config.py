@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from engine.config import StrictModel
+from engine.core.config import StrictModel
 
 
 class LoraSettings(StrictModel):
@@ -98,8 +98,8 @@ class FinetuneConfig(StrictModel):
     def identity(self) -> dict[str, str | None]:
         """What a finished run was trained from, by content: the init adapter's fingerprint, the base's, the data
         files' sha256, and every option that changes training. `mashup run` retrains a run whose identity moved."""
-        from engine.adapter import fingerprint, sha256_file
-        from engine.identity import base_fingerprint, key_of
+        from engine.core.adapter import fingerprint, sha256_file
+        from engine.core.identity import base_fingerprint, key_of
 
         cfg = self.resolved()
         options = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("progress", "overwrite", "out")}

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from engine.errors import ConfigError, MashupError
+from engine.core.errors import ConfigError, MashupError
 from engine.finetune.common import (
     apply_deepspeed_env,
     build_model,

@@ -21,7 +21,7 @@ from engine.finetune.common import (
 )
 from engine.finetune.config import FinetuneConfig
 from engine.finetune.outputs import ADAPTER_DIR, TrainLog, checkpoint_path, save_adapter
-from engine.version import __version__
+from engine.core.version import __version__
 
 AllSum = Callable[[torch.Tensor], torch.Tensor]
 

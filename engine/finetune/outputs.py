@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.atomic import atomic_dir, atomic_file
+from engine.core.atomic import atomic_dir, atomic_file
 
 LOG_JSONL = "log.jsonl"
 LOG_PARQUET = "log.parquet"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import shutil
 
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
 from engine.finetune.common import check_init_dir, load_task, load_tokenizer
 from engine.finetune.config import FinetuneConfig
 from engine.finetune.outputs import ADAPTER_DIR, CHECKPOINTS_DIR, LOG_JSONL, LOG_PARQUET

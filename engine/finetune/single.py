@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from actors.backends.base import resolve_device
+from engine.core.device import resolve_device
 from engine.finetune.common import build_model, load_task, load_tokenizer, make_optimizer, max_length_of
 from engine.finetune.config import FinetuneConfig
 from engine.finetune.loop import train

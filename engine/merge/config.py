@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from engine.config import StrictModel
+from engine.core.config import StrictModel
 from engine.merge.registry import METHODS, get_method
 
 OPTION_FIELDS = ("density", "majority_sign", "svd_rank")

@@ -12,8 +12,8 @@ from typing import Any, Sequence
 
 import torch
 
-from engine.adapter import CONFIG_FILE, DORA_UNSUPPORTED, WEIGHTS_FILE, ModuleFactors, open_adapter, read_config
-from engine.errors import ConfigError, DonorError
+from engine.core.adapter import CONFIG_FILE, DORA_UNSUPPORTED, WEIGHTS_FILE, ModuleFactors, open_adapter, read_config
+from engine.core.errors import ConfigError, DonorError
 from engine.merge.base import ModuleSpec
 
 log = logging.getLogger(__name__)

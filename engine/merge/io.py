@@ -17,9 +17,9 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from engine.atomic import atomic_dir
-from engine.errors import ConfigError, DonorError
-from engine.adapter import sha256_file
+from engine.core.atomic import atomic_dir
+from engine.core.errors import ConfigError, DonorError
+from engine.core.adapter import sha256_file
 
 HELPER_MIN_BYTES = 64 << 20
 SAFETENSORS_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
@@ -156,7 +156,7 @@ def write_json(path: Path, payload: object) -> None:
 
 @contextlib.contextmanager
 def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """`engine.atomic.atomic_dir`, with the merge's own error when `target` exists and `overwrite` is off.
+    """`engine.core.atomic.atomic_dir`, with the merge's own error when `target` exists and `overwrite` is off.
 
     A hard kill leaves only a hidden `.NAME.tmp-PID-*` folder, which the next merge to the same target removes.
     """

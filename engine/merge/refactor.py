@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
 
 
 def lora_scale(config: dict) -> float:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
 
 METHODS: dict[str, str] = {
     "linear": "engine.merge.linear:LINEAR",

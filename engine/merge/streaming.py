@@ -13,8 +13,8 @@ from typing import Sequence
 
 import torch
 
-from engine.adapter import sha256_file
-from engine.errors import ConfigError, DonorError, MashupError
+from engine.core.adapter import sha256_file
+from engine.core.errors import ConfigError, DonorError, MashupError
 from engine.merge.base import DonorModule, MergeMethod, MergeOptions, ModuleSpec
 from engine.merge.config import MergeConfig
 from engine.merge.donors import (
@@ -38,7 +38,7 @@ def locate_donor(name: str, path: str) -> Path:
     snapshot of an `hf://org/name[@revision]` donor."""
     if not path.startswith("hf://"):
         return Path(path)
-    from engine.hub import fetch
+    from engine.core.hub import fetch
 
     try:
         return Path(fetch(path))
@@ -81,8 +81,8 @@ def resolve_donors(config: MergeConfig) -> tuple[list[str], list[Path], list[flo
 def merge_key(config: MergeConfig, names: Sequence[str], weights: Sequence[float],
               fingerprints: Sequence[str | None]) -> str:
     """What a merged adapter is a function of: the method, every option that changes the result, and each
-    donor's name, weight and content. `mashup run` redoes a merge whose key moved (engine.identity)."""
-    from engine.identity import key_of
+    donor's name, weight and content. `mashup run` redoes a merge whose key moved (engine.core.identity)."""
+    from engine.core.identity import key_of
 
     options = config.model_dump(mode="json", exclude={"selection", "donors", "weights", "out", "overwrite", "progress",
                                                       "accumulator_mb"})
@@ -93,7 +93,7 @@ def verify_scored(names: Sequence[str], paths: Sequence[Path], scored: Sequence[
                   weight_digests: Sequence[str]) -> list[str]:
     """Each donor's content fingerprint; a donor whose files changed since they were scored is refused: a
     merge must read the files that the selection ranked."""
-    from engine.adapter import CONFIG_FILE as CONFIG, combine_fingerprint, sha256_file as digest
+    from engine.core.adapter import CONFIG_FILE as CONFIG, combine_fingerprint, sha256_file as digest
 
     fingerprints = []
     for name, path, want, weights_sha in zip(names, paths, scored, weight_digests):
@@ -178,7 +178,7 @@ def stream_modules(donors: Sequence[Donor], weights: Sequence[float], method: Me
 
 def merge_with_config(config: MergeConfig) -> Path:
     """Config-driven merge shared by the CLI, the Python API and `mashup run`; returns the adapter folder."""
-    from engine.version import __version__
+    from engine.core.version import __version__
 
     if config.out is None:
         raise ConfigError("out: required (the folder for the merged adapter)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
 from engine.merge.base import DonorModule, MergeMethod, MergeOptions, ModuleSpec
 
 

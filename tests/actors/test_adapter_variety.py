@@ -9,7 +9,7 @@ from actors.backends.base import DonorRequest
 from actors.backends.hf import HFBackend, HFOptions
 from actors.backends.vllm import precheck
 from actors.lora_slots import LoraSlots, read_layout
-from engine.data import encode_sample, load_jsonl
+from engine.core.data import encode_sample, load_jsonl
 from tests.adapters import peft_reference_loss as reference_loss
 from tests.adapters import with_adapter_name_in_keys, write_peft_adapter
 
@@ -77,7 +77,7 @@ def test_empty_prompt_without_bos_is_scored_alike_everywhere(base_dir, tokenizer
     scoring (mixed batch, that row the longest of its chunk) equals the independent PEFT forward."""
     from transformers import AutoTokenizer
 
-    from engine.data import Example
+    from engine.core.data import Example
 
     folder = tmp_path / "tok"
     tokenizer.save_pretrained(str(folder))
@@ -111,6 +111,6 @@ def test_base_weights_are_read_from_safetensors_only(base_dir, tmp_path):
 
 
 def test_hub_fetches_no_pickles():
-    from engine.hub import ADAPTER_FILES, MODEL_FILES
+    from engine.core.hub import ADAPTER_FILES, MODEL_FILES
 
     assert not any("bin" in p or p.endswith((".pt", ".pth", ".ckpt")) for p in ADAPTER_FILES + MODEL_FILES)

@@ -4,7 +4,7 @@ import torch
 
 from actors.backends.base import BASE_REQUEST, DonorRequest
 from actors.backends.hf import HFBackend, HFOptions
-from engine.data import encode_sample, load_jsonl
+from engine.core.data import encode_sample, load_jsonl
 from tests.adapters import peft_reference_loss as reference_loss
 
 

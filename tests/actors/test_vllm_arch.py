@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 
 from actors.backends.base import BASE_REQUEST, DonorRequest
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
 from tests.archs import ARCHS, build_arch
 from tests.support.record import record
 
@@ -29,7 +29,7 @@ def vsample(tok):
     import tempfile
     from pathlib import Path
 
-    from engine.data import encode_sample, load_jsonl
+    from engine.core.data import encode_sample, load_jsonl
     from bench.world.tiny import write_task
 
     path = write_task(Path(tempfile.mkdtemp()) / "task.jsonl", 6, seed=0, op="reverse")

@@ -90,7 +90,7 @@ def vworld(tmp_path_factory):
 def vsample(vworld):
     from transformers import AutoTokenizer
 
-    from engine.data import encode_sample, load_jsonl
+    from engine.core.data import encode_sample, load_jsonl
 
     tok = AutoTokenizer.from_pretrained(str(vworld / "base"))
     return encode_sample(tok, load_jsonl(vworld / "task.jsonl"))
@@ -292,7 +292,7 @@ def test_compat_patch_is_gated(monkeypatch):
 def test_cli_two_actors_same_schema_and_resume(ray_local, vworld, tmp_path):
     """`mashup score --backend vllm --actors 2` writes the hf run's schema and numbers, and a rerun scores nothing."""
     from engine.cli import main
-    from engine.store import read_scores
+    from engine.scoring.store import read_scores
 
     args = ["score", "--base", str(vworld / "base"), "--donors", str(vworld / "pool"), "--data",
             str(vworld / "task.jsonl"), "--donors-per-call", "2"]

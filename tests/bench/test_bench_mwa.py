@@ -31,7 +31,7 @@ def test_bench_mwa_smoke_completes_and_writes_tables(mwa_world, tmp_path):
 
 
 def test_bad_override_is_named():
-    from engine.errors import ConfigError
+    from engine.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="seeds"):
         load_config(["seeds=oops"])

@@ -47,7 +47,7 @@ def test_bench_smoke_completes_and_writes_tables(smoke_world, tmp_path, ray_loca
 
 
 def test_bad_target_is_named(smoke_world, tmp_path):
-    from engine.errors import ConfigError
+    from engine.core.errors import ConfigError
 
     cfg = load_bench_config(CONFIG, [f"world_dir={smoke_world}", "targets=[nope+id]"])
     with pytest.raises(ConfigError, match="nope"):
@@ -55,7 +55,7 @@ def test_bad_target_is_named(smoke_world, tmp_path):
 
 
 def test_bad_override_is_named(tmp_path):
-    from engine.errors import ConfigError
+    from engine.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="sweep.seeds"):
         load_bench_config(CONFIG, ["sweep.seeds=oops"])

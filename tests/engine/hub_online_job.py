@@ -30,8 +30,8 @@ def online(pool: Path, cache: Path) -> dict:
         os.environ.update(HF_ENDPOINT=hub.endpoint, HF_HUB_OFFLINE="0", HF_HUB_CACHE=str(cache / "serial"))
         from huggingface_hub import constants
 
-        from engine.catalog import build_catalog
-        from engine.hub import fetch, fetch_all
+        from engine.scoring.catalog import build_catalog
+        from engine.core.hub import fetch, fetch_all
 
         catalog = build_catalog(["hf-collection://acme/pool"], hub_concurrency=4)
         pinned = {e.donor: (e.path, e.revision, e.error) for e in catalog}
@@ -56,8 +56,8 @@ def online(pool: Path, cache: Path) -> dict:
 
 def offline(cache: Path) -> dict:
     os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache / "serial"))  # holds the refs the catalog pinned
-    from engine.catalog import build_catalog
-    from engine.hub import fetch_all, hub_error
+    from engine.scoring.catalog import build_catalog
+    from engine.core.hub import fetch_all, hub_error
 
     catalog = build_catalog([f"hf://acme/d{i}" for i in range(N)] + ["hf://acme/never-downloaded"])
     got = fetch_all([e.path for e in catalog], 4)

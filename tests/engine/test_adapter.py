@@ -1,12 +1,12 @@
-"""engine.adapter, the one reader of adapter folders: key grammar, PEFT's pattern rules, fingerprints."""
+"""engine.core.adapter, the one reader of adapter folders: key grammar, PEFT's pattern rules, fingerprints."""
 import json
 import shutil
 
 import pytest
 
-from engine.adapter import fingerprint, open_adapter, parse_key, stat_signature
-from engine.errors import DonorError
-from engine.validate import base_spec, validate_donor
+from engine.core.adapter import fingerprint, open_adapter, parse_key, stat_signature
+from engine.core.errors import DonorError
+from engine.core.validate import base_spec, validate_donor
 from tests.adapters import peft_scalings, with_adapter_name_in_keys, write_peft_adapter
 
 

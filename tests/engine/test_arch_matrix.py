@@ -15,9 +15,9 @@ import torch
 import engine
 from actors.backends.base import BASE, DonorRequest
 from actors.backends.hf import HFBackend, HFOptions
-from engine.data import encode_sample, load_jsonl, sample_examples
+from engine.core.data import encode_sample, load_jsonl, sample_examples
 from tests.adapters import peft_reference_loss
-from engine.validate import base_spec, validate_donor
+from engine.core.validate import base_spec, validate_donor
 from tests.adapters import peft_deltas, write_peft_adapter
 from tests.archs import ARCHS, build_arch
 from tests.support.record import record

@@ -7,9 +7,9 @@ import torch
 import yaml
 
 from engine.cli import main
-from engine.errors import DonorError, MashupError
+from engine.core.errors import DonorError, MashupError
 from engine.scoring import ScoreConfig, score
-from engine.store import read_scores
+from engine.scoring.store import read_scores
 
 
 def _score(out, donors, data, base, **kw):
@@ -120,7 +120,7 @@ def test_a_changed_merge_option_remerges_and_retrains(ray_local, run_config):
     info = json.loads((out / "run" / merged).read_text())
     assert info["r"] == 4
     ft_info = json.loads((out / "run" / "arms/mashup/runs/seed0/adapter/finetune_info.json").read_text())
-    from engine.adapter import fingerprint
+    from engine.core.adapter import fingerprint
 
     assert ft_info["init_fingerprint"] == fingerprint(out / "run" / "arms/mashup/merged")
 

@@ -7,12 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from engine.cascade import CascadeConfig, RoundStats, prune
-from engine.config import validate
-from engine.errors import ConfigError, DataError
+from engine.scoring.cascade import CascadeConfig, RoundStats, prune
+from engine.core.config import validate
+from engine.core.errors import ConfigError, DataError
 from engine.scoring import ScoreConfig, score
 from engine.selection import select
-from engine.store import read_scores
+from engine.scoring.store import read_scores
 
 N_DONORS = 16
 CASCADE = {"first_slice": 4, "keep_fraction": 0.25, "z": 1.0, "growth": 2, "min_survivors": 3}
@@ -95,8 +95,8 @@ def test_rounds_are_recorded_as_nested_prefixes(exhaustive, cascade):
 
 
 def test_moments_match_per_example_peft(cascade, graded_pool, base_dir, tokenizer, task_file):
-    from engine.cascade import cascade_order
-    from engine.data import EncodedSample, encode_sample, load_jsonl
+    from engine.scoring.cascade import cascade_order
+    from engine.core.data import EncodedSample, encode_sample, load_jsonl
     from tests.adapters import peft_reference_loss
 
     _, rows, cfg = cascade

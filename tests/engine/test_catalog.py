@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from engine.catalog import build_catalog, from_directory
-from engine.errors import ConfigError
+from engine.scoring.catalog import build_catalog, from_directory
+from engine.core.errors import ConfigError
 
 
 def test_directory_ids_are_relative_paths(pool_dir):

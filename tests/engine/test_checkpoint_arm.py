@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
 from engine.run import RunConfig, run
 
 
@@ -32,7 +32,7 @@ def test_arm_merges_its_checkpoints_and_reports_them(tmp_path, base_dir, task_fi
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from engine.data import load_jsonl
+    from engine.core.data import load_jsonl
     from engine.evaluate import evaluate
 
     cfg = _config(tmp_path, base_dir, task_file, eval_file,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.data import load_jsonl
+from engine.core.data import load_jsonl
 from engine.evaluate import EvalResult, evaluate
 
 

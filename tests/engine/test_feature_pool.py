@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import engine
-from engine.data import encode_sample, load_jsonl
-from engine.errors import DonorError
+from engine.core.data import encode_sample, load_jsonl
+from engine.core.errors import DonorError
 from engine.scoring import ScoreConfig, score
-from engine.store import read_scores
+from engine.scoring.store import read_scores
 from tests.adapters import peft_reference_loss
 from tests.adapters import hub_style_donors, peft_deltas
 from tests.support.record import record
@@ -38,7 +38,7 @@ def test_one_pool_of_different_target_sets_scores_like_peft(ray_local, base_dir,
     summary = score(cfg)
     rows = read_scores(cfg.out).set_index("donor")
     assert summary.failed == 0, rows[rows.status != "ok"][["status", "error"]].to_dict()
-    from engine.data import sample_examples
+    from engine.core.data import sample_examples
 
     sample = encode_sample(tokenizer, sample_examples(load_jsonl(task_file), 8, 0))
     for feature, (_, reference) in hub_style.items():

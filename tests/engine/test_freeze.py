@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.catalog import build_catalog
-from engine.errors import ConfigError
+from engine.scoring.catalog import build_catalog
+from engine.core.errors import ConfigError
 from engine.scoring import ScoreConfig
-from engine.validate import base_spec, validate_donor
+from engine.core.validate import base_spec, validate_donor
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hub_standin import StandInHub  # noqa: E402

@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from engine.catalog import build_catalog
-from engine.hub import fetch, resolve_base
+from engine.scoring.catalog import build_catalog
+from engine.core.hub import fetch, resolve_base
 from tests.helpers import publish_to_hf_cache
 
 
@@ -33,7 +33,7 @@ def test_hub_base_resolves_to_snapshot(base_dir):
 
 
 def test_collection_offline_is_one_clear_error():
-    from engine.errors import ConfigError
+    from engine.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="could not list hf-collection://acme/loras"):
         build_catalog(["hf-collection://acme/loras-0123"])
@@ -61,7 +61,7 @@ def test_large_collection_lists_every_model_through_the_real_client(tmp_path):
     with StandInHub() as hub:
         hub.collections["acme/loras-0123"] = items
         env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.endpoint}
-        code = ("import json; from engine.hub import collection_items; "
+        code = ("import json; from engine.core.hub import collection_items; "
                 "print(json.dumps(collection_items('hf-collection://acme/loras-0123')))")
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -110,7 +110,8 @@ def test_offline_uses_the_cache_the_client_filled_and_names_what_is_missing(hub_
 
 
 def test_moved_revisions_are_rescored_not_mixed():
-    from engine.catalog import DonorEntry, moved_revisions
+    from engine.scoring.catalog import moved_revisions
+    from engine.core.donor import DonorEntry
 
     a, b = "a" * 40, "b" * 40
     rows = pd.DataFrame({"donor": ["x/one", "x/two", "x/three"], "status": ["ok", "ok", "failed"],
@@ -133,7 +134,7 @@ def _move_branch(cache: Path, repo: str, folder: Path, commit: str) -> None:
 def test_scoring_hub_donors_offline_records_commits_and_rescores_a_moved_branch(ray_local, tmp_path, pool_dir,
                                                                                  task_file, base_dir):
     from engine.scoring import ScoreConfig, score
-    from engine.store import read_scores
+    from engine.scoring.store import read_scores
 
     cache = Path(os.environ["HF_HUB_CACHE"])
     publish_to_hf_cache(cache, "acme/score-a", pool_dir / "qv" / "donor1")

@@ -38,9 +38,9 @@ def test_converted_folder_is_plain_tied_and_chat_ready(smollm2):
 
 
 def test_real_donors_score_like_peft_with_the_chat_template(ray_local, smollm2, tmp_path):
-    from engine.data import encode_sample, load_jsonl
+    from engine.core.data import encode_sample, load_jsonl
     from engine.scoring import ScoreConfig, score
-    from engine.store import read_scores
+    from engine.scoring.store import read_scores
     from tests.adapters import peft_reference_loss
     from tests.adapters import write_peft_adapter
 

@@ -93,7 +93,7 @@ def test_merged_init_starts_at_its_scored_loss(finished, base_dir, tokenizer, ta
     """Stage hand-off: step-0 eval of the mashup arm == the scoring engine's loss of the merged adapter."""
     from actors.backends.base import DonorRequest
     from actors.backends.hf import HFBackend, HFOptions
-    from engine.data import encode_sample, load_jsonl
+    from engine.core.data import encode_sample, load_jsonl
 
     sample = encode_sample(tokenizer, load_jsonl(task_file))
     [scored] = HFBackend(str(base_dir), HFOptions()).score(

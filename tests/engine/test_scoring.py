@@ -9,7 +9,7 @@ import time
 import pytest
 
 from engine.scoring import ScoreConfig, score
-from engine.store import read_scores
+from engine.scoring.store import read_scores
 
 
 def run(tmp_path, name, donors, data, base, **kw):
@@ -23,7 +23,7 @@ def one_actor(ray_local, tmp_path_factory, pool_dir, task_file, base_dir):
 
 
 def test_scores_match_the_backend_reference(one_actor, base_dir, pool_dir, tokenizer, task_file):
-    from engine.data import encode_sample, load_jsonl
+    from engine.core.data import encode_sample, load_jsonl
     from tests.adapters import peft_reference_loss as reference_loss
 
     summary, df = one_actor

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.errors import DataError
+from engine.core.errors import DataError
 from engine.scoring import ScoreConfig, prepare_sample, pin_base, score
 from engine.selection import select
-from engine.store import read_scores
+from engine.scoring.store import read_scores
 from tests.adapters import peft_deltas, write_peft_adapter
 
 
@@ -135,7 +135,7 @@ def test_killed_screen_resumes_without_recomputing_finished_rows(ray_local, tmp_
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from engine.store import SCHEMA
+    from engine.scoring.store import SCHEMA
 
     cfg = config(tmp_path / "out", variety, task_file, base_dir, screen={"then": "none", "probe": 2, "min_keep": 1})
     score(cfg)
@@ -176,7 +176,7 @@ def test_donors_the_gradient_cannot_see_are_scored_exactly(ray_local, tmp_path, 
 
 
 def test_selection_refuses_to_rank_screening_rows(tmp_path):
-    from engine.store import ScoreStore
+    from engine.scoring.store import ScoreStore
 
     store = ScoreStore(tmp_path)
     row = {"sample_id": "s", "status": "ok", "n_tokens": 10, "n_examples": 2, "token_accuracy": float("nan")}

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from engine.cli import main
-from engine.errors import ConfigError, DataError
+from engine.core.errors import ConfigError, DataError
 from engine.selection import Selection, select
 
 # donor -> (loss, step); base loss is 1.0
@@ -163,7 +163,7 @@ def test_cli_config_file_and_user_errors(scores, tmp_path, capsys):
 
 
 def test_rows_still_in_the_store_journal_are_selected(tmp_path):
-    from engine.store import ScoreStore
+    from engine.scoring.store import ScoreStore
 
     store = ScoreStore(tmp_path, compact_every_s=3600)  # rows stay in the write-ahead journal
     store.append([score_row("__base__", 1.0), score_row("a", 0.9), score_row("b", 0.4)])

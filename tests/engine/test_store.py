@@ -1,6 +1,6 @@
 import pyarrow.parquet as pq
 
-from engine.store import JOURNAL, SCORES, SCHEMA, ScoreStore, read_scores
+from engine.scoring.store import JOURNAL, SCORES, SCHEMA, ScoreStore, read_scores
 
 
 def row(donor, status="ok", loss=1.0, sample="s1"):

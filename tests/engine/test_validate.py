@@ -1,8 +1,8 @@
 import pytest
 
-from engine.errors import DonorError
-from engine.adapter import read_header
-from engine.validate import base_spec, validate_donor
+from engine.core.errors import DonorError
+from engine.core.adapter import read_header
+from engine.core.validate import base_spec, validate_donor
 
 
 @pytest.fixture(scope="module")

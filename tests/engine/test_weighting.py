@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from engine.errors import ConfigError, DataError
+from engine.core.errors import ConfigError, DataError
 from engine.weighting import compute_weights, mwa_weights, softmax_weights, step_weights, uniform_weights
 
 LOSSES = [0.8, 1.0, 1.5, 3.0]

@@ -50,7 +50,7 @@ def main() -> None:
     t_cluster = time.monotonic() - t0
 
     from engine.scoring import ScoreConfig, score
-    from engine.store import read_scores
+    from engine.scoring.store import read_scores
 
     jobs = {"spread": {"actors": 2, "actor_resources": {"scorer": 1}},
             "pinned": {"actors": 2, "actor_resources": {"node_a": 1}},

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from engine.scoring import ScoreConfig, score
-from engine.store import read_scores
+from engine.scoring.store import read_scores
 
 
 def run_job(tmp_path, donors, task_file, base_dir, **kw):
@@ -79,7 +79,7 @@ def test_hung_donor_is_killed_and_the_rest_of_its_batch_rescored(
 def test_donors_that_crash_the_backend_are_isolated_and_the_rest_rescored(
     ray_local, tmp_path, pool_dir, faults, task_file, base_dir
 ):
-    from engine.data import encode_sample, load_jsonl, sample_examples
+    from engine.core.data import encode_sample, load_jsonl, sample_examples
     from tests.adapters import peft_reference_loss
     from transformers import AutoTokenizer
 

@@ -1,6 +1,6 @@
 """Interrupted writes never leave an artifact a later stage would trust, and a changed merged adapter is refused.
 
-The writers are real processes SIGKILLed mid-write: a bare `engine.atomic` writer, and `mashup finetune` saving a
+The writers are real processes SIGKILLed mid-write: a bare `engine.core.atomic` writer, and `mashup finetune` saving a
 checkpoint every step. (The merge's own kill test is tests/engine/merge/test_merge_io.py.)
 """
 from __future__ import annotations
@@ -18,16 +18,16 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from engine.atomic import atomic_dir, atomic_write_text
+from engine.core.atomic import atomic_dir, atomic_write_text
 from engine.cli import main
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
 from engine.finetune.common import check_init_dir
 
 REPO = Path(__file__).resolve().parents[2]
 WRITER = """
 import sys, time
 from pathlib import Path
-from engine.atomic import atomic_dir, atomic_file
+from engine.core.atomic import atomic_dir, atomic_file
 mode, target = sys.argv[1], Path(sys.argv[2])
 with (atomic_file(target) if mode == "file" else atomic_dir(target)) as tmp:
     path = tmp if mode == "file" else tmp / "adapter_model.safetensors"
@@ -108,7 +108,7 @@ def merged(tmp_path_factory, pool_dir) -> Path:
 
 def test_merge_info_records_the_merged_adapters_own_sha256(merged):
     info = json.loads((merged / "merge_info.json").read_text())
-    # hashlib on the raw bytes, not engine.adapter.sha256_file (the function that wrote the field)
+    # hashlib on the raw bytes, not engine.core.adapter.sha256_file (the function that wrote the field)
     assert info["adapter_sha256"] == hashlib.sha256((merged / "adapter_model.safetensors").read_bytes()).hexdigest()
     assert check_init_dir(str(merged)) == merged
 

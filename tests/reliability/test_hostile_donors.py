@@ -13,9 +13,9 @@ import pickle
 import pytest
 
 from engine.cli import main
-from engine.errors import DonorError
+from engine.core.errors import DonorError
 from engine.scoring import ScoreConfig, score
-from engine.store import read_scores
+from engine.scoring.store import read_scores
 
 EXPECTED = {
     "inf_weights": "non-finite weights (NaN/Inf)",

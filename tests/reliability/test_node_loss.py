@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.store import read_scores
+from engine.scoring.store import read_scores
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from engine.atomic import atomic_write_text
+from engine.core.atomic import atomic_write_text
 
 SUPPORT_JSON = Path(__file__).resolve().parents[2] / "bench" / "results" / "support.json"
 

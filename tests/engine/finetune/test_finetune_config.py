@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.config import build_config
-from engine.errors import ConfigError
+from engine.core.config import build_config
+from engine.core.errors import ConfigError
 from engine.finetune import FinetuneConfig
 from engine.finetune.common import BatchPlan
 from engine.finetune.deepspeed_ray import deepspeed_config
@@ -42,7 +42,7 @@ def test_deepspeed_config_follows_the_finetune_config_and_extra_merges_deeply():
 
 
 def test_every_example_is_seen_once_per_epoch_and_ranks_split_each_step():
-    from engine.data import Encoded
+    from engine.core.data import Encoded
 
     examples = [Encoded(tuple(range(i + 3)), 2) for i in range(10)]
     cfg = FinetuneConfig(**REQUIRED, executor="deepspeed", batch_size=4, grad_accum=2, seed=3)
@@ -60,7 +60,7 @@ def test_every_example_is_seen_once_per_epoch_and_ranks_split_each_step():
 def test_a_workers_user_error_reaches_the_driver_as_itself():
     from ray.train import WorkerGroupError
 
-    from engine.errors import DataError
+    from engine.core.errors import DataError
     from engine.finetune.deepspeed_ray import _find_user_error
 
     cause = DataError("training diverged: loss is nan at step 3")

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from engine.data import load_jsonl
+from engine.core.data import load_jsonl
 from engine.finetune import finetune
 
 pytest.importorskip("deepspeed")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from engine.data import encode_sample, load_jsonl
+from engine.core.data import encode_sample, load_jsonl
 from engine.finetune import finetune
 
 

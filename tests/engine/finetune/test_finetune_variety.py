@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import engine
-from engine.adapter import DORA_UNSUPPORTED
-from engine.data import encode_sample, load_jsonl, sample_examples
-from engine.errors import ConfigError, DonorError
+from engine.core.adapter import DORA_UNSUPPORTED
+from engine.core.data import encode_sample, load_jsonl, sample_examples
+from engine.core.errors import ConfigError, DonorError
 from tests.adapters import peft_reference_loss
-from engine.validate import base_spec, validate_donor
+from engine.core.validate import base_spec, validate_donor
 from tests.adapters import QV, hub_style_donors, write_peft_adapter
 from tests.support.record import record
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.errors import ConfigError, DonorError, MashupError
+from engine.core.errors import ConfigError, DonorError, MashupError
 from engine.merge.io import SafetensorsStreamWriter
-from engine.version import __version__
+from engine.core.version import __version__
 
 
 def leftovers(out: Path) -> list[str]:

@@ -13,7 +13,7 @@ from lora_math import (
 )
 from peft.utils import merge_utils
 
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
 from engine.merge.sparse import dare_keep_mask
 
 QV = ("qv1", "qv3", "qv5")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from engine.errors import DonorError
+from engine.core.errors import DonorError
 from tests.adapters import peft_deltas, with_adapter_name_in_keys, write_peft_adapter
 
 QV = ["q_proj", "v_proj"]

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.adapter import CONFIG_FILE, DORA_UNSUPPORTED, WEIGHTS_FILE, Adapter, open_adapter, weights_path
-from engine.catalog import inside
-from engine.errors import DonorError
+from engine.core.adapter import CONFIG_FILE, DORA_UNSUPPORTED, WEIGHTS_FILE, Adapter, open_adapter, weights_path
+from engine.core.donor import inside
+from engine.core.errors import DonorError
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.atomic import atomic_file
+from engine.core.atomic import atomic_file
 
 SCHEMA = pa.schema(
     [
@@ -41,7 +41,7 @@ SCHEMA = pa.schema(
         ("base_fingerprint", pa.string()),
         ("round", pa.int64()),
         ("written_at", pa.float64()),
-        # "exact": a forward-pass loss; "screen": a first-order prediction (engine.screen), never ranked as a loss.
+        # "exact": a forward-pass loss; "screen": a first-order prediction (engine.scoring.screen), never ranked as a loss.
         ("kind", pa.string()),
         ("alignment", pa.float64()),  # screen rows: cosine between -grad L and the donor's ΔW
     ]
@@ -143,7 +143,7 @@ class ScoreStore:
 def exact_rows(rows: pd.DataFrame, source: object = "scores") -> pd.DataFrame:
     """Forward-pass rows only: a screening row's `loss` is a first-order prediction, and ranking it as a measured
     loss would let the screen's worst errors pick donors. Refuses a store that holds nothing else."""
-    from engine.errors import DataError
+    from engine.core.errors import DataError
 
     kind = rows["kind"].fillna(EXACT) if "kind" in rows.columns else pd.Series(EXACT, index=rows.index)
     exact = rows[kind == EXACT]

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
 
 T = TypeVar("T", bound=BaseModel)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from engine.errors import DataError
+from engine.core.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class EncodedSample:
 
     examples: list[Encoded]
     fingerprint: str = field(default="")
-    base_fingerprint: str = field(default="")  # what the base was when the sample id was made (engine.identity)
+    base_fingerprint: str = field(default="")  # what the base was when the sample id was made (engine.core.identity)
 
     @property
     def n_tokens(self) -> int:

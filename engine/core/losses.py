@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
-from engine.data import Encoded
+from engine.core.data import Encoded
 
 T = TypeVar("T")
 

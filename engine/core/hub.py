@@ -125,7 +125,7 @@ def collection_items(uri: str) -> list[str]:
     """
     from huggingface_hub import get_collection
 
-    from engine.errors import ConfigError
+    from engine.core.errors import ConfigError
 
     slug = uri[len("hf-collection://"):]
     try:

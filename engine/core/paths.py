@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
 
 Kind = Literal["base", "file", "adapter", "scores", "donors"]
 HUB_PREFIXES = ("hf://", "hf-collection://")

@@ -3,7 +3,7 @@
 - A score row is reused only while the donor's files, the base, the tokenized sample and the template are the
   ones it was computed from: the sample id is a hash of the base's fingerprint and every example's token ids
   (the chat template is applied before tokenizing, so it is inside the token ids), and the row records the
-  donor's content fingerprint (`engine.adapter.fingerprint`) and a stat signature of its files.
+  donor's content fingerprint (`engine.core.adapter.fingerprint`) and a stat signature of its files.
 - A merge is redone when its key changes: the method, every merge option, and each donor's name, weight and
   content fingerprint.
 - A finetune run is retrained when the fingerprint of the adapter it started from, or its config, changes.
@@ -30,7 +30,7 @@ def base_fingerprint(base: str) -> tuple[str, str]:
     mtime (a weight file rewritten in place changes them) and the bytes of every file under 1 MiB.
     """
     if base.startswith("hf://"):
-        from engine.hub import HubRef, resolve_base
+        from engine.core.hub import HubRef, resolve_base
 
         folder = Path(resolve_base(base, ["config.json"]))
         commit = folder.name  # the cache names a snapshot after its commit

@@ -27,7 +27,7 @@ from typing import Any, Iterable
 
 from pydantic import Field
 
-from engine.config import StrictModel
+from engine.core.config import StrictModel
 
 log = logging.getLogger("mashup.score")
 
@@ -151,7 +151,7 @@ def ok_stats(store, sample_id: str, round_: int, donors: Iterable[str]) -> dict[
 
 def moved_donors(catalog, store, sample_id: str) -> set[str]:
     """Hub donors whose pinned commit moved since any round scored them: every round of theirs is scored again."""
-    from engine.catalog import stale_donors
+    from engine.scoring.catalog import stale_donors
 
     rows = store.read()
     rows = rows.assign(sample_id=rows.sample_id.map(lambda s: s.split(PARTIAL)[0] if isinstance(s, str) else s))
@@ -160,7 +160,7 @@ def moved_donors(catalog, store, sample_id: str) -> set[str]:
 
 def cascade_order(sample, seed: int):
     """The sample in a seeded random order, so that every prefix is a uniform subsample of it."""
-    from engine.data import EncodedSample
+    from engine.core.data import EncodedSample
 
     order = list(range(len(sample.examples)))
     random.Random(f"cascade:{seed}").shuffle(order)
@@ -170,9 +170,9 @@ def cascade_order(sample, seed: int):
 def run_cascade(cfg, opts, sample, catalog, store, summary) -> None:
     """Score `catalog` by successive halving; rows go to `store`, per-round figures to summary.rounds and
     `<out>/cascade.json`."""
-    from engine.atomic import atomic_write_text
-    from engine.data import EncodedSample
-    from engine.scoring_pool import ActorPoolRunner
+    from engine.core.atomic import atomic_write_text
+    from engine.core.data import EncodedSample
+    from engine.scoring.pool import ActorPoolRunner
 
     cc: CascadeConfig = cfg.cascade
     ordered = cascade_order(sample, cfg.seed)

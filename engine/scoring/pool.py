@@ -2,7 +2,7 @@
 
 An actor gets work only once its base model is loaded (its `pid()` call answered). So a replacement the cluster
 cannot place, because a lost node took its CPUs with it, never holds a batch hostage: the live actors finish the
-job and the unplaced one is cancelled at the end. Failure policy (engine/scoring.py): a dead actor costs its batch
+job and the unplaced one is cancelled at the end. Failure policy (engine/scoring/api.py): a dead actor costs its batch
 a retry on another actor, up to `max_retries` per batch; a batch that raises or outlives `batch_timeout_s` is
 split until the culprit is alone, then failed with the reason.
 """
@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from actors.backends.base import BASE, DonorScore
 from actors.scorer import FAULT_HOOK_PREFIX, DonorScorer, ScoreTask, score_row
-from engine.catalog import DonorEntry
-from engine.errors import MashupError
+from engine.core.donor import DonorEntry
+from engine.core.errors import MashupError
 from engine.ray_utils import WORKER_ENV, cluster_has_gpus, ensure_ray
 
 log = logging.getLogger("mashup.score")
@@ -42,7 +42,7 @@ class Flight:
 class ActorPoolRunner:
     """Runs one scoring job over `cfg.actors` actors; rows go to `store` as each batch returns."""
 
-    actor_cls: type = DonorScorer  # a stage that needs more of its actors (engine.screen) subclasses it
+    actor_cls: type = DonorScorer  # a stage that needs more of its actors (engine.scoring.screen) subclasses it
     method = "score"  # the actor method each batch is sent to: (tasks, sample) -> rows
 
     def __init__(self, cfg, backend_options: dict[str, Any], sample, store):

@@ -12,7 +12,7 @@ then exact scoring of the survivors only.
    plus every unscreenable or screen-failed donor. So a donor the screen misjudges survives on its exact loss.
 4. `then`: `exhaustive` scores the survivors (and the base) on the whole sample; `cascade` runs the cascade on the
    survivors; `none` stops (only the unscreenable donors and the base are scored exactly: selection never ranks
-   screen rows, engine.store.exact_rows).
+   screen rows, engine.scoring.store.exact_rows).
 
 `<out>/screen.json` records each stage, who survived and why, and the donors where the two signals disagree
 (rank percentiles further apart than `disagreement`). Every stage resumes from the store like scoring does.
@@ -28,8 +28,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from engine.config import StrictModel
-from engine.scoring_pool import ActorPoolRunner
+from engine.core.config import StrictModel
+from engine.scoring.pool import ActorPoolRunner
 
 log = logging.getLogger("mashup.score")
 SUMMARY = "screen.json"
@@ -92,7 +92,7 @@ def screen_rows(store, sample_id: str):
 
 def survivors(screen: dict[str, float], probe: dict[str, Any], others: list[str], sc: ScreenConfig):
     """(survivors, kept by the screen, kept by the probe): the union, so that either signal alone saves a donor."""
-    from engine.cascade import CascadeConfig, prune
+    from engine.scoring.cascade import CascadeConfig, prune
 
     ranked = sorted(screen, key=lambda d: (screen[d], d))
     by_screen = ranked[:max(sc.min_keep, math.ceil(sc.keep_fraction * len(ranked)))]
@@ -106,10 +106,10 @@ def survivors(screen: dict[str, float], probe: dict[str, Any], others: list[str]
 
 def run_screen(cfg, opts, sample, catalog, store, summary) -> None:
     """Screen `catalog`, probe it, score the survivors; rows go to `store`, the record to `<out>/screen.json`."""
-    from engine.atomic import atomic_write_text
-    from engine.cascade import cascade_order, ok_stats, prefix_id, run_cascade
-    from engine.catalog import stale_donors
-    from engine.data import EncodedSample
+    from engine.core.atomic import atomic_write_text
+    from engine.scoring.cascade import cascade_order, ok_stats, prefix_id, run_cascade
+    from engine.scoring.catalog import stale_donors
+    from engine.core.data import EncodedSample
 
     sc: ScreenConfig = cfg.screen
     entries = {e.donor: e for e in catalog}

@@ -15,10 +15,10 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from engine.cascade import CascadeConfig
-from engine.config import StrictModel
-from engine.errors import ConfigError
-from engine.screen import ScreenConfig
+from engine.scoring.cascade import CascadeConfig
+from engine.core.config import StrictModel
+from engine.core.errors import ConfigError
+from engine.scoring.screen import ScreenConfig
 
 log = logging.getLogger("mashup.score")
 
@@ -52,7 +52,7 @@ class ScoreConfig(StrictModel):
     hub_concurrency: int = Field(8, ge=1, description="Hub downloads in flight per actor, and revision look-ups")
     strategy: Literal["exhaustive", "cascade", "screen"] = Field(
         "exhaustive", description="exhaustive: every donor on the whole sample (the paper); cascade: successive "
-        "halving; screen: first-order screen + exact probe, then exact scoring of the survivors (engine.screen)"
+        "halving; screen: first-order screen + exact probe, then exact scoring of the survivors (engine.scoring.screen)"
     )
     cascade: CascadeConfig = Field(default_factory=CascadeConfig, description="options of strategy: cascade")
     screen: ScreenConfig = Field(default_factory=ScreenConfig, description="options of strategy: screen")
@@ -78,7 +78,7 @@ class ScoreConfig(StrictModel):
         try:
             opts = cls.Options.model_validate(self.backend_options)
         except Exception as exc:  # pydantic ValidationError → one line
-            from engine.config import format_validation_error
+            from engine.core.config import format_validation_error
 
             raise ConfigError(format_validation_error(exc, "backend_options")) from None
         if opts.max_resident < self.donors_per_call + 1:
@@ -103,8 +103,8 @@ class ScoreSummary:
 
 def pin_base(cfg: ScoreConfig) -> tuple[ScoreConfig, str]:
     """The config with its base pinned (an hf:// branch becomes the commit it points to now), and the base's
-    content fingerprint: every score is keyed by it (engine.identity)."""
-    from engine.identity import base_fingerprint
+    content fingerprint: every score is keyed by it (engine.core.identity)."""
+    from engine.core.identity import base_fingerprint
 
     pinned, fp = base_fingerprint(cfg.base)
     return (cfg if pinned == cfg.base else cfg.model_copy(update={"base": pinned})), fp
@@ -116,8 +116,8 @@ def prepare_sample(cfg: ScoreConfig, base_fp: str):
     give a new sample id, and nothing scored for another one is reused."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from engine.data import encode_sample, load_jsonl, sample_examples
-    from engine.hub import TOKENIZER_FILES, resolve_base
+    from engine.core.data import encode_sample, load_jsonl, sample_examples
+    from engine.core.hub import TOKENIZER_FILES, resolve_base
 
     base = resolve_base(cfg.base, TOKENIZER_FILES)  # the driver needs the tokenizer, never the weights
     trust = cfg.backend_opts().trust_remote_code
@@ -133,11 +133,11 @@ def prepare_sample(cfg: ScoreConfig, base_fp: str):
 
 def score(cfg: ScoreConfig) -> ScoreSummary:
     """Score every donor not already `ok` for this sample (or run the cascade); safe to rerun after any interruption."""
-    from engine.catalog import build_catalog, stale_donors
-    from engine.scoring_pool import ActorPoolRunner
-    from engine.store import ScoreStore
+    from engine.scoring.catalog import build_catalog, stale_donors
+    from engine.scoring.pool import ActorPoolRunner
+    from engine.scoring.store import ScoreStore
 
-    from engine.paths import check_paths
+    from engine.core.paths import check_paths
 
     t0 = time.perf_counter()
     check_paths(cfg, {"base": "base", "donors": "donors", "data": "file"})  # one line per typo, for the API too
@@ -148,8 +148,8 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     store = ScoreStore(cfg.out)
     summary = ScoreSummary(cfg.out)
     if cfg.strategy in ("cascade", "screen"):
-        from engine.cascade import run_cascade
-        from engine.screen import run_screen
+        from engine.scoring.cascade import run_cascade
+        from engine.scoring.screen import run_screen
 
         (run_cascade if cfg.strategy == "cascade" else run_screen)(cfg, opts, sample, catalog, store, summary)
         store.compact()

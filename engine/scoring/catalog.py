@@ -2,7 +2,7 @@
 
 The catalog only names donors and checks where they live (no file escapes its root, ids are unique), and pins
 every Hub donor to a commit. Whether a donor fits the base is decided later, next to the files, by
-`engine.validate` (on the node that scores it).
+`engine.core.validate` (on the node that scores it).
 """
 from __future__ import annotations
 
@@ -12,31 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from engine.adapter import ADAPTER_FILES
-from engine.errors import ConfigError
+from engine.core.adapter import ADAPTER_FILES
+from engine.core.donor import DonorEntry, inside
+from engine.core.errors import ConfigError
 
 log = logging.getLogger("mashup.catalog")
 HUB_CONCURRENCY = 8
-
-
-@dataclass
-class DonorEntry:
-    donor: str
-    path: str  # a local folder, or an hf:// URI fetched where the donor is scored
-    root: str | None = None  # files must resolve inside this folder (None for Hub snapshots)
-    meta: dict[str, Any] = field(default_factory=dict)
-    revision: str | None = None
-    error: str | None = None  # set when the catalog already knows the donor is unusable
-
-    @property
-    def is_hub(self) -> bool:
-        return self.path.startswith("hf://")
-
-
-def inside(root: str | Path, path: str | Path) -> bool:
-    """True when `path`, with symlinks resolved, lies inside `root`."""
-    root_r = Path(root).resolve()
-    return Path(path).resolve().is_relative_to(root_r)
 
 
 def from_directory(root: Path) -> list[DonorEntry]:
@@ -78,7 +59,7 @@ def trusted_roots(configured: Iterable[str | Path] = ()) -> list[Path]:
 def from_manifest(manifest: Path, trusted: Iterable[Path] = ()) -> list[DonorEntry]:
     """Rows of a JSONL manifest. A local path must resolve inside the manifest's folder, or inside one of the
     `trusted` roots (adapters on shared storage): a manifest can then never make the scorer read files elsewhere."""
-    from engine.data import iter_jsonl
+    from engine.core.data import iter_jsonl
 
     root = manifest.parent.absolute()
     trusted = list(trusted)
@@ -108,7 +89,7 @@ def _revision(uri: str) -> str | None:
 def from_source(source: str, trusted: Iterable[Path] = ()) -> list[DonorEntry]:
     """One user-given source string → its donors (`trusted`: extra roots a manifest may point into)."""
     if source.startswith("hf-collection://"):
-        from engine.hub import collection_items
+        from engine.core.hub import collection_items
 
         return [DonorEntry(uri[len("hf://"):], uri, revision=_revision(uri)) for uri in collection_items(source)]
     if source.startswith("hf://"):
@@ -155,7 +136,7 @@ def pin_revisions(entries: list[DonorEntry], concurrency: int = HUB_CONCURRENCY)
     machine (offline, or the Hub unreachable, and no ref in this machine's cache) stays unpinned: the node that
     scores it resolves the ref from its own cache and the row records the commit it used.
     """
-    from engine.hub import HubRef, hub_error, resolve_commits, unresolvable_here
+    from engine.core.hub import HubRef, hub_error, resolve_commits, unresolvable_here
 
     todo = [(e, HubRef.parse(e.path)) for e in entries if e.is_hub and e.error is None]
     unpinned = 0
@@ -179,7 +160,7 @@ def moved_revisions(entries: Iterable[DonorEntry], rows, sample_id: str) -> dict
     A rerun after a branch moved rescores these (their new rows replace the old ones) rather than mixing
     commits: a score must describe the files that a later merge reads. `rows` is the store's frame.
     """
-    from engine.hub import COMMIT
+    from engine.core.hub import COMMIT
 
     ok = rows[(rows.status == "ok") & (rows.sample_id == sample_id)]
     scored = dict(zip(ok.donor, ok.revision))
@@ -203,7 +184,7 @@ def stale_donors(entries: Iterable[DonorEntry], rows, sample_id: str) -> set[str
     a manifest id pointed at another folder, is therefore rescored, never matched with its old score. A local
     donor this machine cannot see (a node-local path) is rescored too. `rows` is the store's frame.
     """
-    from engine.adapter import stat_signature
+    from engine.core.adapter import stat_signature
 
     stale = set(moved_revisions(entries, rows, sample_id))
     ok = rows[(rows.status == "ok") & (rows.sample_id == sample_id)]
