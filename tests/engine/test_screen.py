@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from engine.core.errors import DataError
-from engine.scoring import ScoreConfig, prepare_sample, pin_base, score
+from engine.scoring import ScoreConfig, score
+from engine.scoring.api import pin_base, prepare_sample
 from engine.selection import select
 from engine.scoring.store import read_scores
 from tests.adapters import peft_deltas, write_peft_adapter
