@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import Field
 
-from engine.core.config import StrictModel, validate
+from engine.core.config import StrictModel, apply_overrides, validate
 from engine.core.errors import ConfigError
 
 log = logging.getLogger("mashup.bench.mwa")
@@ -140,18 +140,7 @@ def run_bench(cfg: MwaBenchConfig, command: str = "python -m bench.bench_mwa --r
 
 
 def load_config(overrides: list[str]) -> MwaBenchConfig:
-    import yaml
-
-    data: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key=value")
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+    data: dict[str, Any] = apply_overrides({}, overrides)
     if "finetune" in data:
         data["finetune"] = {**RECIPE, **data["finetune"]}
     return validate(MwaBenchConfig, data, "bench_mwa")

@@ -19,9 +19,8 @@ from typing import Any
 
 from pydantic import Field
 
-import yaml
 
-from engine.core.config import StrictModel, load_yaml, validate
+from engine.core.config import StrictModel, apply_overrides, load_yaml, validate
 from engine.core.errors import ConfigError
 from engine.run import Arms, ArmSpec, RunConfig, SweepSpec, pending_runs, prepare, run_name
 
@@ -178,18 +177,7 @@ def run_bench(cfg: BenchConfig) -> Path:
 
 def load_bench_config(path: Path, overrides: list[str] = ()) -> BenchConfig:
     """The YAML, then `dotted.key=value` overrides (values parsed as YAML), validated as one."""
-    data = load_yaml(path)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key=value")
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(value)
+    data = apply_overrides(load_yaml(path), overrides)
     return validate(BenchConfig, data, str(path))
 
 

@@ -57,3 +57,21 @@ def build_config(model_cls: type[T], config_path: str | Path | None, overrides: 
     data = load_yaml(config_path) if config_path else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
     return validate(model_cls, data, str(config_path) if config_path else "flags")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`dotted.key=value` overrides (values parsed as YAML) applied in place to a config mapping, as torchtune's
+    recipes take them; a malformed item or a path through a non-section is a one-line ConfigError."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return data
+
