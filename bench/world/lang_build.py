@@ -102,9 +102,11 @@ def build(spec: LangWorldSpec, out: Path, model_dir: Path = MODEL_DIR) -> Path:
     old = json.loads((out / "world.json").read_text()) if (out / "world.json").exists() else {}
     base = ensure_model(model_dir)
     folders = write_splits(spec, out)
+    missing = [n for n in spec.donor_tasks if not (out / "donors" / n / "adapter_model.safetensors").exists()]
     entries = train_donors(spec, out, base, folders)
     _write_jsonl(out / "donors" / "manifest.jsonl", entries)
-    seconds = old.get("build_seconds", 0.0) + time.perf_counter() - t0  # summed over resumed builds
+    # summed over the builds that trained something (a resumed build adds its part; a cached one adds nothing)
+    seconds = old.get("build_seconds", 0.0) + (time.perf_counter() - t0 if missing or not old else 0.0)
     atomic_write_text(out / "world.json", json.dumps({"spec": spec.model_dump(), "base": str(base), "donors": entries,
                                                       "build_seconds": seconds}, indent=1))
     return out

@@ -72,3 +72,4 @@ def test_each_feature_merges_to_peft_delta_or_is_refused(base_dir, hub_style, tm
         torch.testing.assert_close(got[module].float(), want[module].float(), atol=tol, rtol=tol)
     record("features", feature, "merge", "ok")
     record("features", "plain (mlp only)", "merge", "ok")  # the second donor of every merge here, ΔW checked too
+    record("features", "different target sets in one pool", "merge", "ok")  # q/v (+o, +down) with gate/up
