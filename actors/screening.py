@@ -125,6 +125,24 @@ class ScreeningScorer(DonorScorer):
         super().__init__(*args, **kwargs)
         self.gradient: BaseGradient | None = None
         self.gradient_key: tuple[str, str] | None = None
+        self.prepared: dict[tuple, tuple] = {}
+
+    def _prepare(self, task: ScoreTask, fetched):
+        """Validation and the content fingerprint, done once per donor and actor while its files are unchanged
+        (same stat signature): the screen, the probe and the exact stage of one job would otherwise each redo it,
+        and for a screen that costs milliseconds they dominate."""
+        from engine.core.adapter import stat_signature
+
+        entry = task.entry
+        key = (entry.donor, entry.path, task.int_id, None if entry.is_hub else stat_signature(entry.path))
+        if entry.is_hub or key[-1] is None or key not in self.prepared:
+            result = super()._prepare(task, fetched)
+            if not entry.is_hub and key[-1] is not None:
+                self.prepared[key] = (result, self.identity[entry.donor])
+            return result
+        result, identity = self.prepared[key]
+        self.identity[entry.donor] = identity
+        return result
 
     def _gradient(self, sample: EncodedSample) -> BaseGradient:
         key = (sample.base_fingerprint, sample.fingerprint)

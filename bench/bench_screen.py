@@ -192,6 +192,7 @@ def break_even(results: dict[str, Any], recycling: Path) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bench-world", default=".cache/worlds/bench")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="the JSON file this run adds its pools to")
     ap.add_argument("--targets", default="", help="bench-world targets (default: all; none: skip)")
     ap.add_argument("--pool", type=int, default=2000, help="scale-pool size (0: skip)")
     ap.add_argument("--sizes", default="250,500,1000")
@@ -211,7 +212,7 @@ def main() -> None:
     ray_init = time.time() - started  # the fixed cost a `mashup score` command pays before any actor starts
     command = "python -m bench.bench_screen " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
     # Runs add to the results file (a bench-world run and a scale-pool run can be made separately).
-    results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"pools": {}, "commands": []}
+    results: dict[str, Any] = json.loads(args.results.read_text()) if args.results.exists() else {"pools": {}}
     results.update(date=time.strftime("%Y-%m-%d %H:%M"), ray_init_seconds=ray_init,
                    machine=f"{platform.machine()}, {os.cpu_count()} cores (shared), torch {torch.__version__}")
     results["commands"] = [*results.get("commands", []), command]
@@ -227,7 +228,7 @@ def main() -> None:
                                               "fixed_seconds": run["fixed_seconds"], "stages": run["record"]["stages"],
                                               "first_row_seconds": run["first_row_seconds"],
                                               "disagreements": len(run["record"]["disagreements"])}
-            _write(results)
+            _write(results, args.results)
     if args.pool:
         from bench.scale_pool import WORLD, build_pool
 
@@ -243,12 +244,12 @@ def main() -> None:
         results["break_even"] = break_even(results, Path("bench/results/recycling.json"))
     results["load_average_before_after"] = [load_before[0], os.getloadavg()[0]]
     results["bench_seconds"] = time.time() - started
-    _write(results)
+    _write(results, args.results)
 
 
-def _write(results: dict[str, Any]) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2, default=str) + "\n")
+def _write(results: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":
