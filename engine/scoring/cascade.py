@@ -164,7 +164,7 @@ def cascade_order(sample, seed: int):
 
     order = list(range(len(sample.examples)))
     random.Random(f"cascade:{seed}").shuffle(order)
-    return EncodedSample([sample.examples[i] for i in order], sample.fingerprint)
+    return EncodedSample([sample.examples[i] for i in order], sample.fingerprint, sample.base_fingerprint)
 
 
 def run_cascade(cfg, opts, sample, catalog, store, summary) -> None:
@@ -199,7 +199,7 @@ def run_cascade(cfg, opts, sample, catalog, store, summary) -> None:
                      round_, len(survivors), prev_n, n, len(survivors) - len(pending))
             t0 = time.perf_counter()
             if pending or with_base:
-                runner.sample, runner.round = EncodedSample(ordered.examples[prev_n:n], sid), round_
+                runner.sample, runner.round = EncodedSample(ordered.examples[prev_n:n], sid, sample.base_fingerprint), round_
                 runner.store = RoundWriter(store, before, held=[BASE] if final else [])
                 runner.run(pending, with_base, summary, ids=ids, keep_actors=True)
                 runner.store.flush()

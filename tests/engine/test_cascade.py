@@ -75,6 +75,7 @@ def test_rounds_are_recorded_as_nested_prefixes(exhaustive, cascade):
     full_id, total = ex.sample_id.iloc[0], int(ex.n_examples.iloc[0])
     record = json.loads((cfg.out / "cascade.json").read_text())
     assert record["finished"] and record["rounds"] == summary.rounds
+    assert rows.base_fingerprint.notna().all() and rows.base_fingerprint.nunique() == 1  # every round says its base
     sizes = [r["examples"] for r in record["rounds"]]
     assert sizes[0] == 4 and sizes[-1] == total and sizes == sorted(sizes)
     survivors = None
