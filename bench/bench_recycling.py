@@ -22,7 +22,11 @@ from pydantic import Field
 
 from engine.core.config import StrictModel, apply_overrides, load_yaml, validate
 from engine.core.errors import ConfigError
-from engine.run import Arms, ArmSpec, RunConfig, SweepSpec, pending_runs, prepare, run_name
+from engine.finetune.config import FinetuneSettings
+from engine.run import Arms, ArmSpec, RunConfig, RunPlan, pending_runs, prepare, run_name
+from engine.run_config import given
+from engine.scoring.api import ScoreSettings
+from engine.selection import SelectSettings
 
 log = logging.getLogger("mashup.bench")
 
@@ -36,19 +40,14 @@ class TuneSettings(StrictModel):
     reuse_actors: bool = Field(True, description="keep trial processes (and their imports) between trials")
 
 
-class BenchConfig(StrictModel):
+class BenchConfig(RunPlan):
+    """`mashup run`'s plan (the stage sections, arms, baseline, sweep) applied to every target of a world."""
+
     world: str = Field("bench", description="a scale of bench/world/build.py, built (and cached) when missing")
     world_dir: Path | None = Field(None, description="default: .cache/worlds/<world>")
     out: Path = Path("runs/bench")
     targets: list[str] | None = Field(None, min_length=1, description="None: every target of the world")
-    score: dict[str, Any] = Field(default_factory=lambda: {"samples": 256})
-    select: dict[str, Any] = Field(default_factory=lambda: {"k": 2})
-    merge: dict[str, Any] = Field(default_factory=dict)
-    finetune: dict[str, Any] = Field(default_factory=dict)
     arms: Arms
-    baseline: str = "scratch"
-    sweep: SweepSpec = Field(default_factory=SweepSpec)
-    match_scratch_rank: bool = Field(False, description="every merged arm re-factored to finetune.lora's r and alpha")
     tune: TuneSettings = Field(default_factory=TuneSettings)
     results: Path = Field(Path("bench/results/recycling.json"), description="summary JSON; .md and _curves.png beside it")
     ray_address: str | None = None
@@ -72,23 +71,24 @@ class BenchConfig(StrictModel):
     def run_config(self, target: str) -> RunConfig:
         """The target's own `mashup run` config: the bench is `mashup run` × targets, with Tune doing the finetunes."""
         w, task = self.world_path.resolve(), self.world_path.resolve() / "tasks" / target
+        plan = self.plan()
+        if self.ray_address:
+            plan["score"] = ScoreSettings(**{**given(self.score), "ray_address": self.ray_address})
+        plan["finetune"] = FinetuneSettings(**{"progress": False, **given(self.finetune)})
+        plan["arms"] = [self._arm_for(arm, target) for arm in self.arms]
         return RunConfig(
             out=self.out.resolve() / target, base=str(w / "base"), donors=[str(w / "donors" / f"manifest-{target}.jsonl")],
-            train=task / "train.jsonl", val=task / "val.jsonl", eval=task / "eval.jsonl",
-            score={**self.score, **({"ray_address": self.ray_address} if self.ray_address else {})},
-            select=self.select, merge=self.merge, finetune={"progress": False, **self.finetune},
-            arms=[self._arm_for(arm, target) for arm in self.arms], baseline=self.baseline, sweep=self.sweep,
-            match_scratch_rank=self.match_scratch_rank,
+            train=task / "train.jsonl", val=task / "val.jsonl", eval=task / "eval.jsonl", **plan,
         )
 
     def _arm_for(self, arm: ArmSpec, target: str) -> ArmSpec:
         """random-k draws a different seed per target (its seed + the target's index in the world): one shared seed would
         pick nearly the same donors from the nearly identical leave-one-out pools."""
-        select = {**self.select, **arm.select}
+        select = {**given(self.select), **given(arm.select)}
         if select.get("strategy") != "random-k":
             return arm
         seed = select.get("seed", 0) + self.world_targets().index(target)
-        return arm.model_copy(update={"select": {**arm.select, "seed": seed}})
+        return arm.model_copy(update={"select": SelectSettings(**{**given(arm.select), "seed": seed})})
 
 
 def ensure_world(cfg: BenchConfig) -> Path:
@@ -123,7 +123,7 @@ def run_trials(cfg: BenchConfig, runs: dict[str, RunConfig]) -> int:
     """Every unfinished finetune of every target as one Tune experiment; returns how many trials ran."""
     from ray import tune
 
-    trials = [{"target": t, "run": rc.model_dump(mode="json"), "arm": arm.name, "lr": lr, "seed": seed}
+    trials = [{"target": t, "run": rc.model_dump(mode="json", exclude_unset=True), "arm": arm.name, "lr": lr, "seed": seed}
               for t, rc in runs.items() for arm, lr, seed in pending_runs(rc)]
     if not trials:
         return 0

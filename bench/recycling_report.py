@@ -125,8 +125,8 @@ def render(cfg, avg: list[dict[str, Any]], data: dict[str, dict[str, Any]], curv
     scale = 100.0 if metric == "accuracy" else 1.0
     n = len(data)
     lines = [f"Validation {metric} of {n} leave-one-out target(s), seeds {cfg.sweep.seeds}, LRs "
-             f"{cfg.sweep.lrs or [cfg.finetune.get('lr')]} (best per arm and target on validation), "
-             f"{cfg.finetune.get('steps')} steps. Parity: % of the budget at which the arm first reaches "
+             f"{cfg.sweep.lrs or [cfg.finetune.lr]} (best per arm and target on validation), "
+             f"{cfg.finetune.steps} steps. Parity: % of the budget at which the arm first reaches "
              f"`{cfg.baseline}`'s final value (mean over the targets where it does). Wall-clock to parity includes "
              f"scoring and merge, relative to `{cfg.baseline}`'s time to reach its own final value.", "",
              f"| arm | rank / alpha (trainable params) | step-0 | final ± std | Δ vs {cfg.baseline} ({unit}) | held-out | "

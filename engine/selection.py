@@ -30,11 +30,10 @@ Metric = Literal["loss", "token_accuracy"]
 METRICS: tuple[str, ...] = ("loss", "token_accuracy")
 
 
-class SelectConfig(StrictModel):
-    """`mashup select` and the `select:` section of `mashup run`; `scores`/`out` may come from the run instead."""
+class SelectSettings(StrictModel):
+    """How to select: the `select:` section of `mashup run` and an arm's overrides of it. Rules between fields are
+    checked on the whole SelectConfig, once the run's section and the arm's overrides are laid over each other."""
 
-    scores: Path | None = None
-    out: Path | None = None
     k: int | None = Field(None, ge=1)
     strategy: Strategy = "top-k"
     metric: Metric = Field("loss", description="what ranks the donors: loss (lower first, our default) or "
@@ -45,6 +44,13 @@ class SelectConfig(StrictModel):
     weighting: Weighting = "uniform"
     penalty: float | None = Field(None, ge=0)
     temperature: float | None = Field(None, gt=0)
+
+
+class SelectConfig(SelectSettings):
+    """`mashup select`; in `mashup run`, `scores` and `out` come from the run."""
+
+    scores: Path | None = None
+    out: Path | None = None
 
     @model_validator(mode="after")
     def _options_fit_the_choices(self) -> "SelectConfig":

@@ -28,7 +28,8 @@ def test_header_check_needs_the_comment_marker():
 
 
 def nested_sections(config) -> None:
-    """Validate what the top-level schema keeps as free dicts, the way the stage that reads it will."""
+    """What loading alone cannot check: each arm's sections laid over the run's (the rules between fields), and
+    a scorer's backend_options, which depend on the backend chosen."""
     from engine.run import RunConfig
     from engine.scoring import ScoreConfig
 
@@ -40,8 +41,7 @@ def nested_sections(config) -> None:
             return
         # BenchConfig: the same sections, handed to one RunConfig per target
         config = RunConfig(out=Path("o"), base="b", donors=["d"], train=Path("t.jsonl"), val=Path("v.jsonl"),
-                           score=config.score, select=config.select, merge=config.merge,
-                           finetune=config.finetune, arms=config.arms, baseline=config.baseline, sweep=config.sweep)
+                           **config.plan())
     config.score_config().backend_opts()
     for arm in config.arms:
         if arm.init == "merge":
@@ -68,9 +68,16 @@ def test_a_bad_nested_key_is_caught(tmp_path):
     from engine.run import RunConfig
     from engine.scoring import ScoreConfig
 
+    with pytest.raises(ConfigError, match=r"finetune\.lora\.rank: unknown key"):
+        validate(RunConfig, {"out": "o", "base": "b", "donors": ["d"], "train": "t", "val": "v",
+                             "finetune": {"lora": {"rank": 8}}})
+    with pytest.raises(ConfigError, match=r"arms\.0\.select\.kk: unknown key"):
+        validate(RunConfig, {"out": "o", "base": "b", "donors": ["d"], "train": "t", "val": "v",
+                             "arms": [{"name": "a", "select": {"kk": 2}}]})
+    # a rule between fields shows once an arm's overrides meet the run's section
     run = validate(RunConfig, {"out": "o", "base": "b", "donors": ["d"], "train": "t", "val": "v",
-                               "finetune": {"lora": {"rank": 8}}})
-    with pytest.raises(ConfigError, match="finetune: lora.rank: unknown key"):
+                               "arms": [{"name": "a", "select": {"penalty": 1.0}}]})
+    with pytest.raises(ConfigError, match="select: penalty: applies only to weighting mwa"):
         nested_sections(run)
     score = validate(ScoreConfig, {"base": "b", "donors": ["d"], "data": "d", "out": "o",
                                    "backend_options": {"max_residentt": 4}})

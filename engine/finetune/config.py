@@ -29,15 +29,11 @@ class DeepSpeedSettings(StrictModel):
     )
 
 
-class FinetuneConfig(StrictModel):
-    base: str = Field(..., description="base model directory (safetensors)")
-    data: str = Field(..., description="training JSONL (prompt, completion)")
-    out: str = Field(..., description="output directory: adapter/, checkpoints/, log.jsonl, log.parquet")
-    init: str | None = Field(None, description="merged PEFT adapter to start from; None or 'none' = fresh LoRA")
-    eval: str | None = Field(None, description="held-out JSONL evaluated at step 0, every eval_every steps, and at the end")
+class FinetuneSettings(StrictModel):
+    """How to train: the `finetune:` section of `mashup run`, where the run supplies the rest (base, data, out,
+    init, eval and seed); `mashup finetune` takes a FinetuneConfig, which adds them."""
 
     executor: Literal["single", "deepspeed"] = "single"
-    seed: int = 0
     steps: int = Field(100, ge=1, description="optimizer steps (the fixed budget)")
     batch_size: int = Field(8, ge=1, description="examples per optimizer step, over all workers")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step on each worker")
@@ -62,6 +58,15 @@ class FinetuneConfig(StrictModel):
     progress: bool = True
     ray_address: str | None = Field(None, description="deepspeed executor: Ray cluster (default: RAY_ADDRESS or local)")
     overwrite: bool = Field(False, description="replace a finished or crashed run already in `out`")
+
+
+class FinetuneConfig(FinetuneSettings):
+    base: str = Field(..., description="base model directory (safetensors)")
+    data: str = Field(..., description="training JSONL (prompt, completion)")
+    out: str = Field(..., description="output directory: adapter/, checkpoints/, log.jsonl, log.parquet")
+    init: str | None = Field(None, description="merged PEFT adapter to start from; None or 'none' = fresh LoRA")
+    eval: str | None = Field(None, description="held-out JSONL evaluated at step 0, every eval_every steps, and at the end")
+    seed: int = 0
 
     @field_validator("init", "eval", mode="before")
     @classmethod

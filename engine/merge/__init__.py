@@ -4,6 +4,6 @@ The script API is `engine.api.merge(...)`; `engine.merge.streaming.merge_with_co
 """
 from __future__ import annotations
 
-from engine.merge.config import MergeConfig
+from engine.merge.config import MergeConfig, MergeSettings
 
-__all__ = ["MergeConfig"]
+__all__ = ["MergeConfig", "MergeSettings"]

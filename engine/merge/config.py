@@ -16,12 +16,11 @@ from engine.merge.registry import METHODS, get_method
 OPTION_FIELDS = ("density", "majority_sign", "svd_rank")
 
 
-class MergeConfig(StrictModel):
-    selection: Path | None = None
-    donors: list[str] | None = None
-    weights: list[float] | None = None
+class MergeSettings(StrictModel):
+    """How to merge: the `merge:` section of `mashup run` and an arm's overrides of it (what to merge and where to
+    come from the run). Rules between fields are checked on the whole MergeConfig."""
+
     method: str = "linear"
-    out: Path | None = None
     dtype: Literal["bfloat16", "float16", "float32"] | None = None
     density: float | None = Field(None, gt=0, le=1)
     majority_sign: Literal["total", "frequency"] | None = None
@@ -33,6 +32,15 @@ class MergeConfig(StrictModel):
     refactor_rank: int | None = Field(None, ge=1, description="re-factor each merged module's ΔW to this rank by SVD "
                                                              "(e.g. the scratch LoRA's r, so every arm trains alike)")
     refactor_alpha: float | None = Field(None, gt=0, description="lora_alpha after refactor_rank (default: the rank)")
+
+
+class MergeConfig(MergeSettings):
+    """`mashup merge`: a selection.json, or donors with optional weights, into `out`."""
+
+    selection: Path | None = None
+    donors: list[str] | None = None
+    weights: list[float] | None = None
+    out: Path | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "MergeConfig":

@@ -23,13 +23,12 @@ from engine.scoring.screen import ScreenConfig
 log = logging.getLogger("mashup.score")
 
 
-class ScoreConfig(StrictModel):
-    base: str = Field(description="base model folder or hf://org/name[@rev]")
-    donors: list[str] = Field(min_length=1, description="donor sources: folders, manifests, hf://, hf-collection://")
+class ScoreSettings(StrictModel):
+    """How to score: everything but what is scored (base, donors, data) and where to (out). The `score:` section of
+    `mashup run` is one of these; `mashup score` takes a ScoreConfig, which adds those four."""
+
     trusted_roots: list[Path] = Field(default_factory=list, description="absolute folders a manifest's paths may "
                                       "point into besides its own (adds to MASHUP_TRUSTED_ROOTS)")
-    data: Path
-    out: Path
     samples: int | None = Field(256, ge=1, description="examples scored per donor (None: all)")
     seed: int = 0
     chat_template: bool = False
@@ -58,11 +57,13 @@ class ScoreConfig(StrictModel):
     screen: ScreenConfig = Field(default_factory=ScreenConfig, description="options of strategy: screen")
 
     @model_validator(mode="after")
-    def _cascade_options_need_the_cascade(self) -> "ScoreConfig":
+    def _cascade_options_need_the_cascade(self) -> "ScoreSettings":
+        """Options that differ from the defaults (not merely present: a saved config lists every field) must belong
+        to the chosen strategy."""
         screen_cascade = self.strategy == "screen" and self.screen.then == "cascade"
-        if "cascade" in self.model_fields_set and self.strategy != "cascade" and not screen_cascade:
+        if self.cascade != CascadeConfig() and self.strategy != "cascade" and not screen_cascade:
             raise ValueError(f"cascade: options given but strategy is {self.strategy!r}; set strategy: cascade")
-        if "screen" in self.model_fields_set and self.strategy != "screen":
+        if self.screen != ScreenConfig() and self.strategy != "screen":
             raise ValueError(f"screen: options given but strategy is {self.strategy!r}; set strategy: screen")
         return self
 
@@ -86,6 +87,13 @@ class ScoreConfig(StrictModel):
                 f"backend_options.max_resident ({opts.max_resident}) must exceed donors_per_call ({self.donors_per_call})"
             )
         return opts
+
+
+class ScoreConfig(ScoreSettings):
+    base: str = Field(description="base model folder or hf://org/name[@rev]")
+    donors: list[str] = Field(min_length=1, description="donor sources: folders, manifests, hf://, hf-collection://")
+    data: Path
+    out: Path
 
 
 @dataclass

@@ -92,7 +92,7 @@ def read_scores(path: str | Path) -> pd.DataFrame:
     if not frames:
         return _frame([])
     df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    df["kind"] = df["kind"].fillna(EXACT)  # rows written before the column existed are forward-pass losses
+    df["kind"] = df["kind"].astype(object).fillna(EXACT)  # rows written before the column existed are forward-pass losses
     df = df.sort_values("written_at", kind="stable").drop_duplicates(KEY, keep="last")
     return df.reset_index(drop=True)
 
