@@ -12,7 +12,7 @@ import logging
 import math
 import random
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -64,12 +64,26 @@ class SelectConfig(SelectSettings):
 
 
 class SelectedDonor(StrictModel):
+    """One donor from its score row to the merge: the same object is ranked, picked, weighted and written."""
+
     donor: str
     loss: float
-    weight: float
+    weight: float = 0.0  # set once the picks are weighted
     path: str | None = None
     token_accuracy: float | None = None
     fingerprint: str | None = None  # the content fingerprint of the files that were scored (engine.core.adapter)
+    revision: str | None = None  # the Hub commit that was scored (its path is pinned to it too)
+    step: float | None = None  # the checkpoint step from the donor's metadata, for mwa-steps
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "SelectedDonor":
+        """A stored score row (engine.scoring.store's schema) as a candidate; missing values read as None."""
+        def text(value: object) -> str | None:
+            return value if isinstance(value, str) and value else None
+
+        return cls(donor=str(row["donor"]), loss=float(row["loss"]), token_accuracy=_float(row.get("token_accuracy")),
+                   path=text(row.get("path")), fingerprint=text(row.get("donor_sha256")),
+                   revision=text(row.get("revision")), step=donor_step(row.get("meta")))
 
 
 class Selection(StrictModel):
@@ -163,25 +177,25 @@ def donor_step(meta: object) -> float | None:
 def rank_key(metric: str):
     """Best first by `metric`; ties broken by loss, then by name, so every ranking is reproducible."""
     if metric == "token_accuracy":
-        return lambda c: (-c["token_accuracy"], c["loss"], c["donor"])
-    return lambda c: (c["loss"], c["donor"])
+        return lambda c: (-c.token_accuracy, c.loss, c.donor)
+    return lambda c: (c.loss, c.donor)
 
 
 def worst_key(metric: str):
     """Worst first by `metric` (the worst-k ablation); ties broken by the higher loss, then by name."""
     if metric == "token_accuracy":
-        return lambda c: (c["token_accuracy"], -c["loss"], c["donor"])
-    return lambda c: (-c["loss"], c["donor"])
+        return lambda c: (c.token_accuracy, -c.loss, c.donor)
+    return lambda c: (-c.loss, c.donor)
 
 
-def better_than_base(candidate: dict, base: dict, metric: str) -> bool:
+def better_than_base(candidate: SelectedDonor, base: dict, metric: str) -> bool:
     """`below_base` in the selection metric's direction: a lower loss, or a higher token accuracy."""
     if metric == "token_accuracy":
-        return candidate["token_accuracy"] > base["token_accuracy"]
-    return candidate["loss"] < base["loss"]
+        return candidate.token_accuracy > base["token_accuracy"]
+    return candidate.loss < base["loss"]
 
 
-def pick(candidates: list[dict], config: SelectConfig) -> list[dict]:
+def pick(candidates: list[SelectedDonor], config: SelectConfig) -> list[SelectedDonor]:
     """Apply the strategy; candidates arrive best first by the metric (`rank_key`) so ties break reproducibly."""
     k = len(candidates) if config.strategy == "all" else min(config.k or 0, len(candidates))
     if config.strategy != "all" and (config.k or 0) > len(candidates):
@@ -190,7 +204,7 @@ def pick(candidates: list[dict], config: SelectConfig) -> list[dict]:
         return candidates[:k]
     if config.strategy == "worst-k":
         return sorted(candidates, key=worst_key(config.metric))[:k]
-    by_name = sorted(candidates, key=lambda c: c["donor"])
+    by_name = sorted(candidates, key=lambda c: c.donor)
     return random.Random(config.seed).sample(by_name, k)
 
 
@@ -214,15 +228,9 @@ def select_with_config(config: SelectConfig) -> Selection:
 
     candidates = []
     for row in ok[ok["donor"] != BASE_ROW].to_dict("records"):
-        loss, accuracy = float(row["loss"]), _float(row.get("token_accuracy"))
-        if not math.isfinite(loss) or (config.metric == "token_accuracy" and accuracy is None):
+        candidate = SelectedDonor.from_row(row)
+        if not math.isfinite(candidate.loss) or (config.metric == "token_accuracy" and candidate.token_accuracy is None):
             continue
-        path = row.get("path")
-        missing_path = path is None or (isinstance(path, float) and math.isnan(path))
-        fp = row.get("donor_sha256")
-        candidate = {"donor": str(row["donor"]), "loss": loss, "token_accuracy": accuracy,
-                     "path": None if missing_path else str(path), "step": donor_step(row.get("meta")),
-                     "fingerprint": fp if isinstance(fp, str) else None}
         if config.below_base and not better_than_base(candidate, base_row, config.metric):
             continue
         candidates.append(candidate)
@@ -237,17 +245,15 @@ def select_with_config(config: SelectConfig) -> Selection:
 
     chosen = pick(candidates, config)
     weights = compute_weights(
-        config.weighting, [c["loss"] for c in chosen], [c["step"] for c in chosen],
-        config.penalty, config.temperature, [c["donor"] for c in chosen],
+        config.weighting, [c.loss for c in chosen], [c.step for c in chosen],
+        config.penalty, config.temperature, [c.donor for c in chosen],
     )
     penalty = (1.0 if config.penalty is None else config.penalty) if config.weighting in ("mwa", "mwa-steps") else None
     temperature = (1.0 if config.temperature is None else config.temperature) if config.weighting == "softmax" else None
     selection = Selection(
         k=len(chosen), strategy=config.strategy, metric=config.metric, weighting=config.weighting, penalty=penalty,
         temperature=temperature, base_loss=base_loss,
-        donors=[SelectedDonor(donor=c["donor"], loss=c["loss"], weight=w, path=c["path"],
-                              token_accuracy=c["token_accuracy"], fingerprint=c["fingerprint"])
-                for c, w in zip(chosen, weights)],
+        donors=[c.model_copy(update={"weight": w}) for c, w in zip(chosen, weights)],
     )
     if config.out is not None:
         selection.write(config.out)
