@@ -84,9 +84,10 @@ class DonorScorer:
         return os.getpid()
 
     def node(self) -> str:
+        """The Ray node id, or "local" for the in-process scorer (executor: local)."""
         import ray
 
-        return ray.get_runtime_context().get_node_id()
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
     def resident(self) -> list[str]:
         return self.backend.resident()

@@ -17,6 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--actors", type=int, help="number of scoring actors (default 1)")
     p.add_argument("--donors-per-call", type=int, dest="donors_per_call", help="donors per actor call (default 8)")
     p.add_argument("--ray-address", dest="ray_address", help="Ray cluster address (default: local Ray)")
+    p.add_argument("--executor", choices=("ray", "local"),
+                   help="ray (default): scoring actors; local: one scorer in this process, no Ray start-up (one "
+                        "machine, one scorer)")
     p.add_argument("--strategy", choices=("exhaustive", "cascade", "screen"),
                    help="exhaustive (default, the paper), cascade (successive halving; options in the config's "
                         "cascade:) or screen (first-order screen + exact probe; options in the config's screen:)")
@@ -28,13 +31,15 @@ def run(args: argparse.Namespace) -> int:
     from engine.scoring import ScoreConfig, score
 
     keys = ("base", "donors", "data", "out", "samples", "seed", "backend", "actors", "donors_per_call", "ray_address",
-            "strategy")
+            "strategy", "executor")
     cfg = build_config(ScoreConfig, args.config, {k: getattr(args, k) for k in keys})
     summary = score(cfg)
     print(
         f"scored {summary.scored}, failed {summary.failed}, already done {summary.skipped_done}, "
         f"actor retries {summary.retries}, {summary.seconds:.1f}s -> {summary.out / 'scores.parquet'}"
     )
+    if summary.startup:
+        print("  start-up: " + ", ".join(f"{k.replace('_', ' ')} after {v:.1f}s" for k, v in summary.startup.items()))
     for r in summary.rounds:
         print(f"  cascade round {r['round']}: {r['scored']} donors on {r['examples']} examples, kept {r['kept']}"
               + (" (final)" if r["final"] else ""))

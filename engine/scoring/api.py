@@ -49,6 +49,9 @@ class ScoreSettings(StrictModel):
     )
     node_labels: dict[str, str] = Field(default_factory=dict, description="Ray label selector for the actors' nodes")
     hub_concurrency: int = Field(8, ge=1, description="Hub downloads in flight per actor, and revision look-ups")
+    executor: Literal["ray", "local"] = Field(
+        "ray", description="ray: actors (isolated processes, retries, timeouts, clusters); local: one scorer in this "
+        "process, no Ray start-up and no actor to load (one machine, actors: 1; a crash in the backend ends the job)")
     strategy: Literal["exhaustive", "cascade", "screen"] = Field(
         "exhaustive", description="exhaustive: every donor on the whole sample (the paper); cascade: successive "
         "halving; screen: first-order screen + exact probe, then exact scoring of the survivors (engine.scoring.screen)"
@@ -65,6 +68,18 @@ class ScoreSettings(StrictModel):
             raise ValueError(f"cascade: options given but strategy is {self.strategy!r}; set strategy: cascade")
         if self.screen != ScreenConfig() and self.strategy != "screen":
             raise ValueError(f"screen: options given but strategy is {self.strategy!r}; set strategy: screen")
+        return self
+
+    @model_validator(mode="after")
+    def _local_runs_one_scorer_here(self) -> "ScoreSettings":
+        if self.executor != "local":
+            return self
+        clash = [name for name, given in (("actors", self.actors > 1), ("ray_address", self.ray_address),
+                                          ("batch_timeout_s", self.batch_timeout_s), ("actor_resources", self.actor_resources),
+                                          ("node_labels", self.node_labels)) if given]
+        if clash:
+            raise ValueError(f"executor: local runs one scorer in this process, so {', '.join(clash)} cannot apply; "
+                             "remove them or use executor: ray")
         return self
 
     @field_validator("samples", mode="before")
@@ -107,6 +122,13 @@ class ScoreSummary:
     failures: dict[str, str] = field(default_factory=dict)
     donor_examples: int = 0  # donor × example pairs scored by this call (the base excluded): the compute used
     rounds: list[dict[str, Any]] = field(default_factory=list)  # the cascade's rounds (cascade.json), else empty
+    # seconds from the call's start to: ray_ready, scorer_ready (the first scorer has its base loaded), first_donor
+    startup: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter, repr=False)
+
+    def mark(self, event: str) -> None:
+        """Record when `event` first happened, for the fixed-cost breakdown (bench/bench_startup.py)."""
+        self.startup.setdefault(event, round(time.perf_counter() - self.started, 3))
 
 
 def pin_base(cfg: ScoreConfig) -> tuple[ScoreConfig, str]:
@@ -154,7 +176,8 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     sample = prepare_sample(cfg, base_fp)
     catalog = build_catalog(cfg.donors, cfg.hub_concurrency, cfg.trusted_roots)
     store = ScoreStore(cfg.out)
-    summary = ScoreSummary(cfg.out)
+    summary = ScoreSummary(cfg.out, started=t0)
+    summary.mark("prepared")  # base pinned, sample tokenized, catalog built: the driver's own share
     if cfg.strategy in ("cascade", "screen"):
         from engine.scoring.cascade import run_cascade
         from engine.scoring.screen import run_screen
@@ -162,6 +185,7 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
         (run_cascade if cfg.strategy == "cascade" else run_screen)(cfg, opts, sample, catalog, store, summary)
         store.compact()
         summary.seconds = time.perf_counter() - t0
+        log.info("start-up (%s executor): %s", cfg.executor, ", ".join(f"{k} after {v:.1f} s" for k, v in summary.startup.items()))
         return summary
     done = store.completed(sample.fingerprint) - stale_donors(catalog, store.read(), sample.fingerprint)
     pending = [e for e in catalog if e.donor not in done]
@@ -175,4 +199,6 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
         summary.donor_examples = len(pending) * len(sample.examples)
     store.compact()
     summary.seconds = time.perf_counter() - t0
+    if summary.startup:
+        log.info("start-up (%s executor): %s", cfg.executor, ", ".join(f"{k} after {v:.1f} s" for k, v in summary.startup.items()))
     return summary

@@ -61,6 +61,8 @@ class ActorPoolRunner:
         self.last_progress = time.monotonic()
         self.nodes: dict[str, str] = {}  # node id -> host of every node that returned rows
         self.round = 0  # the cascade's round of the rows this runner writes (0: exhaustive)
+        self.local = None  # executor: local's in-process scorer
+        self.saved_threads = 0
 
     def _new_actor(self) -> None:
         import ray
@@ -96,9 +98,6 @@ class ActorPoolRunner:
         A caller that runs several jobs on the same actors (the cascade's rounds) passes `keep_actors=True`, then
         `close()`, and `ids` that stay stable across runs: backends key resident adapters by these integer ids.
         """
-        import ray
-
-        ensure_ray(self.cfg.ray_address)
         tasks: list[ScoreTask | None] = [ScoreTask(e, ids[e.donor] if ids else i + 1) for i, e in enumerate(entries)]
         n = self.cfg.donors_per_call
         self.queue = deque(tasks[i:i + n] for i in range(0, len(tasks), n))
@@ -108,8 +107,20 @@ class ActorPoolRunner:
             self.queue.appendleft([None])
         self.target = min(self.cfg.actors, len(self.queue))
         tasks = [None, *tasks] if include_base else tasks
-        sample_ref = ray.put(self.sample)
         bar = tqdm(total=len(tasks), unit="donor", desc="scoring", dynamic_ncols=True)
+        if self.cfg.executor == "local":
+            try:
+                self._run_here(summary, bar)
+            finally:
+                bar.close()
+                if not keep_actors:
+                    self.close()
+            return
+        import ray
+
+        ensure_ray(self.cfg.ray_address)
+        summary.mark("ray_ready")
+        sample_ref = ray.put(self.sample)
         try:
             while self.queue or self.inflight:
                 while self.live < self.target and self.queue:
@@ -122,6 +133,7 @@ class ActorPoolRunner:
                 for ref in done:
                     if ref in self.starting:
                         self._started(ref)
+                        summary.mark("scorer_ready")
                     else:
                         self._returned(ref, summary, bar)
                 self._check_timeouts(summary, bar)
@@ -137,8 +149,34 @@ class ActorPoolRunner:
         if not keep_actors:
             self.close()
 
+    def _run_here(self, summary, bar) -> None:
+        """executor: local. The same queue, splitting and rows as the actors get, run by one scorer in this process:
+        no Ray to start and no actor process to import torch into, at the price of the isolation (no retry after a
+        crash, no timeout)."""
+        if self.local is None:
+            import torch
+
+            self.saved_threads = torch.get_num_threads()
+            self.local = self.actor_cls(self.cfg.backend, self.cfg.base, self.options, self.validation,
+                                        max(1, int(self.cfg.cpus_per_actor)), self.cfg.hub_concurrency)
+        summary.mark("scorer_ready")
+        while self.queue:
+            batch = self.queue.popleft()
+            try:
+                rows = self._rows(getattr(self.local, self.method)(batch, self.sample))
+            except Exception as exc:  # noqa: BLE001 - the batch's failure, isolated like an actor's
+                self._split_or_fail(batch, f"backend error: {_one_line(exc)}", summary, bar)
+                continue
+            self._record(rows, summary, bar)
+
     def close(self) -> None:
-        """Kill every actor this runner holds."""
+        """Kill every actor this runner holds (or free the in-process scorer)."""
+        if self.local is not None:
+            import torch
+
+            self.local = None
+            torch.set_num_threads(self.saved_threads)
+            return
         import ray
 
         for actor in [*self.idle, *self.starting.values(), *(f.actor for f in self.inflight.values())]:
@@ -190,6 +228,8 @@ class ActorPoolRunner:
         self._log_placement(rows)
         self.store.append(rows)
         self.last_progress = time.monotonic()
+        if any(row["donor"] != BASE for row in rows):
+            summary.mark("first_donor")
         for row in rows:
             if row["status"] == "ok":
                 summary.scored += 1

@@ -1,0 +1,51 @@
+"""executor: local, one scorer in the driver's process: the same rows as the Ray actors, failures isolated the same
+way, the start-up breakdown recorded, and options that need actors refused in one line."""
+import pytest
+import torch
+
+from engine.core.config import validate
+from engine.core.errors import ConfigError
+from engine.scoring import ScoreConfig, score
+from engine.scoring.store import read_scores
+
+
+def run(tmp_path, name, donors, data, base, **kw):
+    cfg = ScoreConfig(base=str(base), donors=[str(d) for d in donors], data=data, out=tmp_path / name, **kw)
+    return score(cfg), read_scores(cfg.out)
+
+
+def test_local_rows_equal_the_actors_rows(ray_local, tmp_path, pool_dir, task_file, base_dir):
+    threads = torch.get_num_threads()
+    local, df_local = run(tmp_path, "local", [pool_dir], task_file, base_dir, executor="local", donors_per_call=2)
+    remote, df_ray = run(tmp_path, "ray", [pool_dir], task_file, base_dir, donors_per_call=2)
+    a, b = df_local.set_index("donor").sort_index(), df_ray.set_index("donor").sort_index()
+    assert list(a.index) == list(b.index) and len(a) == 6
+    assert (a.loss - b.loss).abs().max() < 1e-6
+    assert (a.token_accuracy == b.token_accuracy).all() and (a.status == "ok").all()
+    assert (a.sample_id == b.sample_id).all() and a.donor_sha256.fillna("").equals(b.donor_sha256.fillna(""))
+    assert torch.get_num_threads() == threads, "the in-process scorer must give the driver its threads back"
+    # the fixed-cost breakdown: no Ray to start in-process; ordered events on both
+    assert "ray_ready" not in local.startup and "ray_ready" in remote.startup
+    for s in (local, remote):
+        assert 0 < s.startup["prepared"] <= s.startup["scorer_ready"] <= s.startup["first_donor"] <= s.seconds
+
+
+def test_local_isolates_a_failing_donor_and_resumes(tmp_path, pool_dir, bad_pool, task_file, base_dir):
+    root, expect = bad_pool
+    summary, df = run(tmp_path, "bad", [pool_dir / "qv", root], task_file, base_dir, executor="local",
+                      donors_per_call=4)
+    rows = df.set_index("donor")
+    assert (rows.loc[["__base__", "donor1", "donor3", "donor5"], "status"] == "ok").all()
+    for name, phrase in expect.items():
+        assert rows.loc[name, "status"] == "failed" and phrase in rows.loc[name, "error"], name
+    again, _ = run(tmp_path, "bad", [pool_dir / "qv", root], task_file, base_dir, executor="local")
+    # a rerun keeps the ok rows and tries the failed donors again (they may have been fixed meanwhile)
+    assert (again.skipped_done, again.scored, again.failed) == (3, 0, len(expect))
+
+
+@pytest.mark.parametrize("option", [{"actors": 2}, {"ray_address": "auto"}, {"batch_timeout_s": 5.0},
+                                    {"actor_resources": {"big": 1.0}}, {"node_labels": {"zone": "a"}}])
+def test_local_refuses_options_that_need_actors(option):
+    data = {"base": "b", "donors": ["d"], "data": "t.jsonl", "out": "o", "executor": "local", **option}
+    with pytest.raises(ConfigError, match=f"executor: local runs one scorer in this process, so {next(iter(option))}"):
+        validate(ScoreConfig, data)
