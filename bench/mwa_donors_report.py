@@ -47,19 +47,31 @@ def _fmt(x: float | None, d: int = 3) -> str:
     return "—" if x is None else f"{x:.{d}f}"
 
 
-def verdict(pools: dict[str, dict[str, Any]], cmp: dict[str, dict[str, Any]], scratch: dict[str, Any] | None) -> list[str]:
-    lines = []
+def verdict(pools: dict[str, dict[str, Any]], cmp: dict[str, dict[str, Any]], scratch: dict[str, Any] | None,
+            facts: dict[str, dict[str, Any]]) -> list[str]:
+    last = [f["mwa_weights"][-1] for f in facts.values()]
+    lines = [f"- **What an MWA donor is here:** its {len(next(iter(facts.values()))['steps'])} checkpoints weighted by "
+             f"training loss put {min(last):.2f}–{max(last):.2f} of the weight on the final one, the rest on earlier, "
+             "less-trained checkpoints of the same run."]
     for name, c in cmp.items():
         if name == "final":
             continue
         d = c["heldout_delta"]
         picks = ("the same two donors" + ("" if c["same_order"] else " (in another order)") if c["same_picks"]
                  else f"other donors ({', '.join(c['picks'])} instead of {', '.join(cmp['final']['picks'])})")
-        outcome = ("changes the outcome" if d["beyond_noise"] else "does not change the outcome beyond noise")
+        outcome = (f"changes the outcome, for the {'worse' if d['mean_pp'] < 0 else 'better'} (|Δ| over 2 standard "
+                   f"errors, {len(pools[name]['arms']['mashup']['heldout_per_seed'])} seeds)" if d["beyond_noise"]
+                   else "does not change the outcome beyond noise (|Δ| within 2 standard errors or 1 pp)")
         lines.append(f"- **{LABEL[name]} pool vs final-checkpoint pool:** picks {picks}; held-out accuracy after the "
                      f"finetune {pools[name]['arms']['mashup']['heldout']:.3f} vs "
                      f"{pools['final']['arms']['mashup']['heldout']:.3f}, paired Δ {d['mean_pp']:+.1f} ± {d['std_pp']:.1f} pp "
                      f"over seeds: it {outcome}.")
+    if "mwa" in pools and "uniform" in pools:
+        c = compare(pools, "uniform")["mwa"]
+        d = c["heldout_delta"]
+        lines.append(f"- **MWA vs uniform average of the same checkpoints:** {'the same' if c['same_picks'] else 'different'} "
+                     f"picks; paired Δ {d['mean_pp']:+.1f} ± {d['std_pp']:.1f} pp "
+                     f"({'beyond' if d['beyond_noise'] else 'within'} noise).")
     if scratch is not None:
         best = max(pools, key=lambda p: pools[p]["arms"]["mashup"]["heldout"])
         lines.append(f"- **Recycling itself** (reference): scratch ends at {scratch['heldout']:.3f} held-out; the best pool "
@@ -92,7 +104,7 @@ def render(cfg, pools: dict[str, dict[str, Any]], facts: dict[str, dict[str, Any
     if scratch is not None:
         lines.append(f"| scratch (no donors) | — | {_fmt(scratch['step0'])} | {_fmt(scratch['final'])} ± "
                      f"{_fmt(scratch['final_std'])} | {_fmt(scratch['heldout'])} ± {_fmt(scratch['heldout_std'])} | — |")
-    lines += ["", *verdict(pools, cmp, scratch)]
+    lines += ["", *verdict(pools, cmp, scratch, facts)]
     return "\n".join(lines)
 
 
