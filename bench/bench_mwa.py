@@ -109,9 +109,9 @@ def train_run(cfg: MwaBenchConfig, world: Path, target: str, seed: int) -> Path:
     if (run_dir / "log.parquet").exists() and (run_dir / "adapter" / "adapter_model.safetensors").exists():
         return run_dir
     shutil.rmtree(run_dir, ignore_errors=True)
-    ft = validate(FinetuneConfig, {**cfg.finetune, "base": str(cfg.base_path.resolve()), "chat_template": cfg.chat_template, "data": str(world / "tasks" / target / "train.jsonl"),
-                                   "out": str(run_dir), "init": None, "eval": None, "seed": seed, "progress": False},
-                  "finetune")
+    ft = validate(FinetuneConfig, {**cfg.finetune, "base": str(cfg.base_path.resolve()), "chat_template": cfg.chat_template,
+                                   "data": str(world / "tasks" / target / "train.jsonl"), "out": str(run_dir),
+                                   "init": None, "eval": None, "seed": seed, "progress": False}, "finetune")
     if not ft.save_every or ft.save_every >= ft.steps:
         raise ConfigError("finetune.save_every: must be set and below finetune.steps (the run needs several checkpoints)")
     log.info("finetune %s seed %d (%d steps, checkpoint every %d)", target, seed, ft.steps, ft.save_every)
