@@ -34,6 +34,9 @@ RECIPE = {"steps": 120, "batch_size": 16, "lr": 3e-3, "warmup_steps": 12, "save_
 class MwaBenchConfig(StrictModel):
     world: str = Field("bench", description="a scale of bench/world/build.py; its base and splits are built when missing")
     world_dir: Path | None = Field(None, description="default: .cache/worlds/<world>")
+    base: Path | None = Field(None, description="base model folder (default: <world>/base; the language world's is "
+                                                "bench.world.smollm2's converted SmolLM2)")
+    chat_template: bool = Field(False, description="finetune and evaluate through the base's chat template")
     out: Path = Path("runs/mwa")
     targets: list[str] = Field(default_factory=lambda: ["sort+swap", "evens+dbl"], min_length=1,
                                description="2 of the 8 bench targets that scratch learns within the budget (in "
@@ -46,10 +49,15 @@ class MwaBenchConfig(StrictModel):
     method: str = "linear"
     results: Path = Path("bench/results/mwa.json")
     readme: bool = False
+    readme_block: str = Field(README_BLOCK, description="the README block this run's table replaces")
 
     @property
     def world_path(self) -> Path:
         return self.world_dir or Path(".cache/worlds") / self.world
+
+    @property
+    def base_path(self) -> Path:
+        return self.base or self.world_path / "base"
 
     def rules(self) -> list[tuple[str, str, float | None]]:
         """(name, metric, p): the same checkpoints go through every rule."""
@@ -61,9 +69,22 @@ class MwaBenchConfig(StrictModel):
 def ensure_world(cfg: MwaBenchConfig) -> Path:
     """Only the base and the target splits are needed (no donors): built and cached when missing."""
     w = cfg.world_path
-    if all((w / "tasks" / t / "eval.jsonl").exists() for t in cfg.targets) and (w / "base" / "config.json").exists():
+    if all((w / "tasks" / t / "eval.jsonl").exists() for t in cfg.targets) and (cfg.base_path / "config.json").exists():
         return w
+    from bench.world import lang_build
     from bench.world.build import SCALES, build_base, write_splits
+
+    langs = {s.name: s for s in lang_build.SCALES.values()}
+    if cfg.world in langs:  # the real-model world: its target's splits, and SmolLM2 converted once when missing
+        spec = langs[cfg.world]
+        if cfg.targets != [spec.target]:
+            raise ConfigError(f"targets: world {cfg.world} has one target, {spec.target!r}")
+        if cfg.base is None:
+            raise ConfigError(f"base: world {cfg.world} has no base folder; set base={lang_build.MODEL_DIR}")
+        if not (cfg.base / "config.json").exists() and cfg.base == lang_build.MODEL_DIR:
+            lang_build.ensure_model(cfg.base)
+        lang_build.write_splits(spec.model_copy(update={"donor_tasks": []}), w)
+        return w
 
     if cfg.world not in SCALES:
         raise ConfigError(f"world: {cfg.world!r} is not one of {sorted(SCALES)} and {w} lacks the targets' splits")
@@ -88,9 +109,9 @@ def train_run(cfg: MwaBenchConfig, world: Path, target: str, seed: int) -> Path:
     if (run_dir / "log.parquet").exists() and (run_dir / "adapter" / "adapter_model.safetensors").exists():
         return run_dir
     shutil.rmtree(run_dir, ignore_errors=True)
-    ft = validate(FinetuneConfig, {**cfg.finetune, "base": str(world / "base"), "data": str(world / "tasks" / target / "train.jsonl"),
-                                   "out": str(run_dir), "init": None, "eval": None, "seed": seed, "progress": False},
-                  "finetune")
+    ft = validate(FinetuneConfig, {**cfg.finetune, "base": str(cfg.base_path.resolve()), "chat_template": cfg.chat_template,
+                                   "data": str(world / "tasks" / target / "train.jsonl"), "out": str(run_dir),
+                                   "init": None, "eval": None, "seed": seed, "progress": False}, "finetune")
     if not ft.save_every or ft.save_every >= ft.steps:
         raise ConfigError("finetune.save_every: must be set and below finetune.steps (the run needs several checkpoints)")
     log.info("finetune %s seed %d (%d steps, checkpoint every %d)", target, seed, ft.steps, ft.save_every)
@@ -126,7 +147,7 @@ def run_bench(cfg: MwaBenchConfig, command: str = "python -m bench.bench_mwa --r
 
     t0 = time.perf_counter()
     world = ensure_world(cfg).resolve()
-    evaluator = AdapterEvaluator(world / "base")
+    evaluator = AdapterEvaluator(cfg.base_path.resolve(), cfg.chat_template)
     runs: dict[str, dict[int, dict]] = {}
     for target in cfg.targets:
         splits = {s: load_jsonl(world / "tasks" / target / f"{s}.jsonl") for s in ("val", "eval")}

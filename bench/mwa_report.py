@@ -135,5 +135,5 @@ def write_summary(cfg, runs: dict[str, dict[int, dict]], seconds: float,
     if cfg.readme:
         from bench.readme import replace_block
 
-        replace_block(README_BLOCK, text)
+        replace_block(getattr(cfg, "readme_block", README_BLOCK), text)
     return results

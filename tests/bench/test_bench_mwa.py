@@ -35,3 +35,18 @@ def test_bad_override_is_named():
 
     with pytest.raises(ConfigError, match="seeds"):
         load_config(["seeds=oops"])
+
+
+def test_language_world_needs_its_base_and_its_one_target(tmp_path):
+    from bench.bench_mwa import ensure_world
+    from engine.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="base"):
+        ensure_world(load_config(["world=lang-cpu", f"world_dir={tmp_path}", "targets=[capital-city-name]"]))
+    with pytest.raises(ConfigError, match="capital-city-name"):
+        ensure_world(load_config(["world=lang-cpu", f"world_dir={tmp_path}", f"base={tmp_path}", "targets=[plural]"]))
+    world = ensure_world(load_config(["world=lang-cpu", f"world_dir={tmp_path}", f"base={tmp_path}",
+                                      "targets=[capital-city-name]"]))
+    rows = [json.loads(line) for line in (world / "tasks" / "capital-city-name" / "eval.jsonl").read_text().splitlines()]
+    assert rows and all(r["choices"] for r in rows)  # the target's multiple-choice splits, and nothing else built
+    assert sorted(p.name for p in (world / "tasks").iterdir()) == ["capital-city-name"]
