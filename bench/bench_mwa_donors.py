@@ -111,10 +111,10 @@ def donor_config(cfg: MwaDonorsConfig, spec: dict[str, Any], task: str):
 def train_donor(cfg: MwaDonorsConfig, spec: dict[str, Any], task: str) -> Path:
     """One donor run with checkpoints; reused only when it was trained from this exact config (by content)."""
     from engine.finetune import finetune
-    from engine.run import _finished  # the same content check `mashup run` applies to its finetune runs
+    from engine.run import finished_run  # the same content check `mashup run` applies to its finetune runs
 
     ft = donor_config(cfg, spec, task)
-    if not _finished(ft):
+    if not finished_run(ft):
         shutil.rmtree(ft.out, ignore_errors=True)
         log.info("donor %s: %d steps, a checkpoint every %d", task, ft.steps, ft.save_every)
         finetune(ft)

@@ -15,7 +15,7 @@ from pathlib import Path
 from engine.core.atomic import atomic_write_text
 from engine.run_config import Arms, ArmSpec, RunConfig, RunPlan, SweepSpec, run_name
 
-__all__ = ["Arms", "ArmSpec", "RunConfig", "RunPlan", "SweepSpec", "finetune_one", "pending_runs", "prepare", "run",
+__all__ = ["Arms", "ArmSpec", "RunConfig", "RunPlan", "SweepSpec", "finetune_one", "finished_run", "pending_runs", "prepare", "run",
            "run_name"]
 
 log = logging.getLogger("mashup.run")
@@ -33,7 +33,7 @@ class Timings:
         atomic_write_text(self.path, json.dumps(self.data, indent=1))
 
 
-def _finished(ft) -> bool:
+def finished_run(ft) -> bool:
     """A run is done when its log and adapter exist and it was trained from what its config names now: the same
     init adapter (by content), base, data and options (FinetuneConfig.identity). Anything else is retrained."""
     from engine.finetune.outputs import INFO_FILE
@@ -101,7 +101,7 @@ def pending_runs(cfg: RunConfig) -> list[tuple[ArmSpec, float | None, int]]:
     for arm in cfg.arms:
         for lr in cfg.lrs():
             for seed in cfg.sweep.seeds:
-                if not _finished(cfg.finetune_config(arm, lr, seed)):
+                if not finished_run(cfg.finetune_config(arm, lr, seed)):
                     todo.append((arm, lr, seed))
     return todo
 

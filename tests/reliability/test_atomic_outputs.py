@@ -71,7 +71,7 @@ def test_killed_folder_writer_leaves_no_folder_and_the_next_write_cleans_up(tmp_
 
 
 def test_sigkilled_finetune_leaves_only_complete_checkpoints(tmp_path, base_dir, task_file):
-    from engine.run import _finished
+    from engine.run import finished_run
 
     out = tmp_path / "ft"
     cmd = [sys.executable, "-m", "engine.cli", "finetune", "--base", str(base_dir), "--data", str(task_file),
@@ -96,9 +96,9 @@ def test_sigkilled_finetune_leaves_only_complete_checkpoints(tmp_path, base_dir,
         return FinetuneConfig(base=str(base_dir), data=str(task_file), out=str(out), steps=steps, batch_size=2,
                               save_every=1)
 
-    assert not (out / "adapter").exists() and not (out / "log.parquet").exists() and not _finished(ft(500))
-    assert main(cmd[3:] + ["--overwrite", "--steps", "2"]) == 0 and _finished(ft(2))
-    assert not _finished(ft(3))  # another config: the run does not count as done
+    assert not (out / "adapter").exists() and not (out / "log.parquet").exists() and not finished_run(ft(500))
+    assert main(cmd[3:] + ["--overwrite", "--steps", "2"]) == 0 and finished_run(ft(2))
+    assert not finished_run(ft(3))  # another config: the run does not count as done
 
 
 @pytest.fixture(scope="module")
