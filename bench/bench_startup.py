@@ -97,7 +97,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 continue
             med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
             out[pool][variant] = {
-                "repeats": len(rs), "donors": rs[0]["scored"],
+                "repeats": len(rs), "donors": rs[0]["scored"] - 1,  # `scored` counts the base's row too
                 "process_seconds": med([r["process_seconds"] for r in rs if r["process_seconds"] is not None]),
                 "job_seconds": med([r["job_seconds"] for r in rs]),
                 **{e: med([r["startup"][e] for r in rs if e in r["startup"]]) for e in EVENTS},
@@ -112,7 +112,7 @@ def render(res: dict[str, Any]) -> str:
              "repeats, each variant in a fresh process, interleaved). Seconds from the job's start; `process` adds "
              "Python's imports and exit.", "",
              "| pool | executor | process | job | sample ready | Ray up | scorer ready (base loaded) | first donor | "
-             "scoring after the first donor | max |Δ loss| vs ray |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "scoring after the first donor | largest loss difference vs ray |", "|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda x: "–" if x is None else f"{x:.1f} s"  # noqa: E731
     for pool, variants in res["pools"].items():
         for variant, v in variants.items():
@@ -137,7 +137,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--readme", action="store_true", help="rewrite README's start-up block from the results")
+    ap.add_argument("--render-only", action="store_true", help="only rewrite the README block from the JSON")
     args = ap.parse_args(argv)
+    if args.render_only:
+        replace_block(README_BLOCK, render(json.loads(args.results.read_text())))
+        return
     import torch
 
     runs = []
