@@ -61,12 +61,12 @@ class ScoreSettings(StrictModel):
 
     @model_validator(mode="after")
     def _cascade_options_need_the_cascade(self) -> "ScoreSettings":
-        """Options that differ from the defaults (not merely present: a saved config lists every field) must belong
-        to the chosen strategy."""
+        """Options the user gave must belong to the chosen strategy (configs are passed on with exclude_unset, so
+        what was set stays what the user wrote)."""
         screen_cascade = self.strategy == "screen" and self.screen.then == "cascade"
-        if self.cascade != CascadeConfig() and self.strategy != "cascade" and not screen_cascade:
+        if self.cascade.model_fields_set and self.strategy != "cascade" and not screen_cascade:
             raise ValueError(f"cascade: options given but strategy is {self.strategy!r}; set strategy: cascade")
-        if self.screen != ScreenConfig() and self.strategy != "screen":
+        if self.screen.model_fields_set and self.strategy != "screen":
             raise ValueError(f"screen: options given but strategy is {self.strategy!r}; set strategy: screen")
         return self
 

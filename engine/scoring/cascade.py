@@ -40,11 +40,13 @@ SUMMARY = "cascade.json"
 class CascadeConfig(StrictModel):
     """The `cascade:` section of a score config; used only with `strategy: cascade`."""
 
-    first_slice: int = Field(16, ge=2, description="examples every donor is scored on in round 0")
-    keep_fraction: float = Field(0.25, gt=0, le=1, description="share of a round's donors kept before the margin")
-    z: float = Field(2.0, ge=0, description="safety margin: keep donors within z standard errors of the cut-off")
+    # Defaults measured at the paper's 256 examples on 8 bench targets (bench/bench_cascade_grid.py): the cheapest
+    # setting whose top-2 stayed within one SE of exhaustive selection's everywhere, with a margin (z >= 1).
+    first_slice: int = Field(4, ge=2, description="examples every donor is scored on in round 0")
+    keep_fraction: float = Field(0.05, gt=0, le=1, description="share of a round's donors kept before the margin")
+    z: float = Field(1.0, ge=0, description="safety margin: keep donors within z standard errors of the cut-off")
     growth: float = Field(2.0, gt=1, description="each round's prefix is this many times longer than the last")
-    min_survivors: int = Field(8, ge=1, description="never prune below this many donors; set it ≥ the k you select")
+    min_survivors: int = Field(4, ge=1, description="never prune below this many donors; set it ≥ the k you select")
     stop_after_round: int | None = Field(
         None, ge=0, description="stop after this round without finishing (a staged run); rerun without it to finish"
     )

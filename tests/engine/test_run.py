@@ -130,7 +130,7 @@ def test_bad_section_is_named_before_any_work(tmp_path, run_config, capsys):
 
 @pytest.mark.parametrize("arm, message", [
     ({"name": "rand", "select": {"strategy": "random-k"}}, "arms.rand: strategy 'random-k' needs every donor"),
-    ({"name": "wide", "select": {"k": 9}}, r"arms.wide: select.k \(9\) exceeds score.cascade.min_survivors \(8\)"),
+    ({"name": "wide", "select": {"k": 5}}, r"arms.wide: select.k \(5\) exceeds score.cascade.min_survivors \(4\)"),
 ])
 def test_cascade_conflicts_are_named_before_scoring(tmp_path, run_config, capsys, arm, message):
     import re
