@@ -16,14 +16,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.readme import replace_block
-from engine.core.atomic import atomic_write_text
+from bench.readme import add_output_options, machine, publish, rendered_only
 
 RESULTS = Path("bench/results/cascade_grid.json")
 README_BLOCK = "bench-cascade-grid"
@@ -151,14 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--world", type=Path, default=Path(".cache/worlds/bench"))
     ap.add_argument("--targets", default=None, help="comma-separated; default: every target of the world")
     ap.add_argument("--samples", type=int, default=256)
-    ap.add_argument("--results", type=Path, default=RESULTS)
-    ap.add_argument("--readme", action="store_true")
-    ap.add_argument("--render-only", action="store_true", help="only rewrite the README block from the JSON")
+    add_output_options(ap, RESULTS)
     args = ap.parse_args(argv)
-    if args.render_only:
-        replace_block(README_BLOCK, render(json.loads(args.results.read_text())))
+    if rendered_only(args, README_BLOCK, render):
         return
-    import torch
 
     from engine.scoring import ScoreConfig, score
 
@@ -175,12 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     res = {"meta": {"date": time.strftime("%Y-%m-%d"), "command": command, "targets": targets,
                     "donors": len(next(iter(per_target.values()))[args.samples]), "old_default": list(OLD_DEFAULT),
                     "seconds": time.perf_counter() - t0,
-                    "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"},
+                    "machine": machine()},
            "grid": grid(per_target)}
-    atomic_write_text(args.results, json.dumps(res, indent=1, default=float))
-    if args.readme:
-        replace_block(README_BLOCK, render(res))
-    print(render(res))
+    publish(res, args, README_BLOCK, render)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.readme import replace_block
-from engine.core.atomic import atomic_write_text
+from bench.readme import add_output_options, machine, publish, rendered_only
 
 RESULTS = Path("bench/results/selection_e2e.json")
 README_BLOCK = "bench-selection-e2e"
@@ -79,15 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lrs", default="0.003,0.01")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", type=Path, default=Path("runs/selection_e2e"))
-    ap.add_argument("--results", type=Path, default=RESULTS)
-    ap.add_argument("--readme", action="store_true")
-    ap.add_argument("--render-only", action="store_true", help="only rewrite the README block from the JSON")
+    add_output_options(ap, RESULTS)
     args = ap.parse_args(argv)
-    if args.render_only:
-        replace_block(README_BLOCK, render(json.loads(args.results.read_text())))
+    if rendered_only(args, README_BLOCK, render):
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    import torch
 
     variants = {name: run_variant(name, score, args.targets, args.lrs, args.seeds, args.out)
                 for name, score in VARIANTS.items()}
@@ -95,12 +88,9 @@ def main(argv: list[str] | None = None) -> None:
         f" --{k} {getattr(args, k)}" for k, d in (("targets", "sort+swap,evens+dbl,rev+dropf"), ("lrs", "0.003,0.01"),
                                                   ("seeds", "0,1,2")) if getattr(args, k) != d)
     res = {"meta": {"date": time.strftime("%Y-%m-%d"), "command": command, "targets": args.targets, "lrs": args.lrs,
-                    "seeds": args.seeds, "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"},
+                    "seeds": args.seeds, "machine": machine()},
            "variants": variants}
-    atomic_write_text(args.results, json.dumps(res, indent=1))
-    if args.readme:
-        replace_block(README_BLOCK, render(res))
-    print(render(res))
+    publish(res, args, README_BLOCK, render)
 
 
 if __name__ == "__main__":

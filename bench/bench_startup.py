@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -25,8 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.readme import replace_block
-from engine.core.atomic import atomic_write_text
+from bench.readme import add_output_options, machine, publish, rendered_only
 
 RESULTS = Path("bench/results/startup.json")
 README_BLOCK = "bench-startup"
@@ -135,14 +133,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pools", default="demo,bench")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--results", type=Path, default=RESULTS)
-    ap.add_argument("--readme", action="store_true", help="rewrite README's start-up block from the results")
-    ap.add_argument("--render-only", action="store_true", help="only rewrite the README block from the JSON")
+    add_output_options(ap, RESULTS)
     args = ap.parse_args(argv)
-    if args.render_only:
-        replace_block(README_BLOCK, render(json.loads(args.results.read_text())))
+    if rendered_only(args, README_BLOCK, render):
         return
-    import torch
 
     runs = []
     with tempfile.TemporaryDirectory(prefix="mashup-startup-") as tmp:
@@ -155,12 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m bench.bench_startup" + (f" --pools {args.pools}" if args.pools != "demo,bench" else "") + \
               (f" --repeats {args.repeats}" if args.repeats != 2 else "")
     res = {"meta": {"date": time.strftime("%Y-%m-%d"), "command": command, "repeats": args.repeats,
-                    "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"},
+                    "machine": machine()},
            "pools": summarize(runs), "runs": [{k: v for k, v in r.items() if k != "losses"} for r in runs]}
-    atomic_write_text(args.results, json.dumps(res, indent=1))
-    if args.readme:
-        replace_block(README_BLOCK, render(res))
-    print(render(res))
+    publish(res, args, README_BLOCK, render)
 
 
 if __name__ == "__main__":
