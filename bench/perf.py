@@ -15,11 +15,18 @@ from pathlib import Path
 from bench.readme import replace_block
 
 RESULTS = Path("bench/results")
+# the cascade with its 256-example defaults on the 2,000-donor pool at the paper's sample size
+SCALE_256 = ("--pool 2000 --sizes '' --samples 256 --ks 4 --first-slice 4 --keep-fraction 0.05 --z 1 "
+             "--results bench/results/scale_256.json")
 BENCHES = {
     "scoring": ([sys.executable, "-m", "bench.bench_scoring"], "scoring.json"),
     "merge": ([sys.executable, "-m", "bench.bench_merge"], "merge.json"),
     "scale": ([sys.executable, "-m", "bench.bench_scale"], "scale.json"),
     "backends": ([".venv-vllm/bin/python", "-m", "bench.bench_backends"], "backends_cpu.json"),
+    "startup": ([sys.executable, "-m", "bench.bench_startup", "--readme"], "startup.json"),
+    "cascade_grid": ([sys.executable, "-m", "bench.bench_cascade_grid", "--readme"], "cascade_grid.json"),
+    "scale_256": ([sys.executable, "-m", "bench.bench_scale", *SCALE_256.split()], "scale_256.json"),
+    "selection_e2e": ([sys.executable, "-m", "bench.bench_selection_e2e", "--readme"], "selection_e2e.json"),
 }
 
 
@@ -70,6 +77,7 @@ def rows() -> list[str]:
         out.append(f"| pool growth {min(map(int, c['scaling']))} → {max(map(int, c['scaling']))} donors (cascade): "
                    f"wall-clock, driver peak RSS | same | {g_['cascade_seconds']:.2f}× the time for {g_['pool']:.0f}× the "
                    f"donors; RSS {g_['cascade_rss_peak']:.3f}× | {c['date'][:10]} |")
+    out += selection_rows()
     g = _load("gpu.json")
     if g:
         t = g["parts"]["throughput"]
@@ -80,6 +88,42 @@ def rows() -> list[str]:
                    f"`python -m bench.bench_gpu` on the lent GPU (docs/gpu.md) | **{best['ratio_vs_naive']:.2f}×** "
                    f"({best['donors_per_s']:.2f} vs {t['naive_peft']['donors_per_s']:.2f} donors/s); FLOP efficiency "
                    f"**{best['efficiency_vs_same_shape_matmul']:.2f}** of a same-shape bf16 matmul | {g['date']} |")
+    return out
+
+
+def selection_rows() -> list[str]:
+    """The fixed-cost, cascade-setting, 256-example scale and end-to-end selection rows."""
+    out = []
+    st = _load("startup.json")
+    if st:
+        d = st["pools"]["demo"]
+        out.append(f"| first donor scored, in-process (`executor: local`) vs Ray actors, fresh command ({d['ray']['donors']} "
+                   f"donors, 256 examples) | `python -m bench.bench_startup` | **{d['local']['first_donor']:.1f} s** vs "
+                   f"{d['ray']['first_donor']:.1f} s; whole command {d['local']['process_seconds'] / d['ray']['process_seconds']:.0%}"
+                   f" of Ray's; identical losses | {st['meta']['date']} |")
+    cg = _load("cascade_grid.json")
+    if cg:
+        from bench.bench_cascade_grid import recommended
+
+        rec = recommended(cg["grid"], len(cg["meta"]["targets"]))
+        if rec:
+            out.append(f"| cascade defaults at 256 examples (8 bench targets × {cg['meta']['donors']} donors): compute vs "
+                       f"exhaustive, top-2 within 1 SE | `python -m bench.bench_cascade_grid` | **"
+                       f"{100 * rec['mean_compute_fraction']:.1f}%**, {rec['targets_within_one_se']}/"
+                       f"{len(cg['meta']['targets'])} targets | {cg['meta']['date']} |")
+    sc = _load("scale_256.json")
+    if sc:
+        (k, r), = sc["exhaustive_vs_cascade"].items()
+        out.append(f"| cascade (256-example defaults) vs exhaustive, {sc['world']['pool']} donors × 256 examples: top-2 "
+                   f"recall, compute, wall-clock | `python -m bench.bench_scale {SCALE_256}` | recall **{r['top2_recall']:.2f}**"
+                   f" at **{100 * r['compute_fraction']:.1f}%** of the compute, **{100 * r['wall_clock_fraction']:.0f}%** "
+                   f"of the wall-clock | {sc['date'][:10]} |")
+    e = _load("selection_e2e.json")
+    if e:
+        v = {n: x["arms"]["mashup"]["wallclock_to_parity_vs_baseline"] for n, x in e["variants"].items()}
+        out.append("| mashup's wall-clock to parity vs scratch's to its own final, selection included (recycling bench, "
+                   f"{e['meta']['targets']}) | `python -m bench.bench_selection_e2e` | " + ", ".join(
+                       f"{n}: **{100 * x:.0f}%**" for n, x in v.items()) + f" | {e['meta']['date']} |")
     return out
 
 
