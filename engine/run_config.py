@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, field_serializer
 
 from engine.checkpoint_arm import CheckpointMergeSpec
 from engine.core.config import StrictModel, format_validation_error
@@ -34,6 +34,11 @@ class ArmSpec(StrictModel):
     merge: MergeSettings = Field(default_factory=MergeSettings, description="overrides of the run's merge section")
     checkpoint_merge: CheckpointMergeSpec | None = Field(
         None, description="also merge each run's own checkpoints (MWA by loss or step) and report it beside the final")
+
+    @field_serializer("select", "merge")
+    def _only_given(self, section: BaseModel) -> dict[str, Any]:
+        """Overrides are what the user set: a dumped arm read back must not override the run with defaults."""
+        return given(section)
 
 
 class SweepSpec(StrictModel):
@@ -64,6 +69,12 @@ class RunPlan(StrictModel):
     match_scratch_rank: bool = Field(False, description="re-factor every merged arm (SVD of its ΔW) to finetune.lora's "
                                                         "r and alpha, so every arm trains as many parameters at the "
                                                         "same scale as a fresh LoRA")
+
+    @field_serializer("score", "select", "merge", "finetune")
+    def _sections_as_given(self, section: BaseModel) -> dict[str, Any]:
+        """A dumped config reads back the same: only what was set, so set-ness (which the strategy-option checks
+        and the arm overlays rely on) survives a round trip."""
+        return given(section)
 
     def plan(self) -> dict[str, Any]:
         """This plan's fields as given, to build a RunConfig (or another plan) from."""

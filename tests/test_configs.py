@@ -83,3 +83,20 @@ def test_a_bad_nested_key_is_caught(tmp_path):
                                    "backend_options": {"max_residentt": 4}})
     with pytest.raises(ConfigError, match="max_residentt"):
         nested_sections(score)
+
+
+def test_a_dumped_run_config_reads_back_the_same(tmp_path):
+    """Arms and sections dump what was set, so a saved config (config.json, a Tune trial, a bench script's dump)
+    validates again and gives the same stage configs, not an arm that overrides the run with defaults."""
+    from engine.run import ArmSpec, RunConfig
+
+    cfg = validate(RunConfig, {"out": "o", "base": "b", "donors": ["d"], "train": "t", "val": "v",
+                               "select": {"k": 3, "weighting": "mwa"}, "score": {"samples": 64},
+                               "arms": [{"name": "m", "select": {"penalty": 2.0}}, {"name": "s", "init": "none"}]})
+    for dumped in (cfg.model_dump(), __import__("json").loads(cfg.model_dump_json())):
+        again = RunConfig.model_validate(dumped)
+        arm = again.arms[0]
+        assert again.select_config(arm, 0) == cfg.select_config(cfg.arms[0], 0)
+        assert again.score_config() == cfg.score_config()
+    arm = ArmSpec.model_validate(ArmSpec(name="x", select={"seed": 4}).model_dump())
+    assert arm.select.model_fields_set == {"seed"} and arm.merge.model_fields_set == set()
