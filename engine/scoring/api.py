@@ -183,10 +183,7 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
         from engine.scoring.screen import run_screen
 
         (run_cascade if cfg.strategy == "cascade" else run_screen)(cfg, opts, sample, catalog, store, summary)
-        store.compact()
-        summary.seconds = time.perf_counter() - t0
-        log.info("start-up (%s executor): %s", cfg.executor, ", ".join(f"{k} after {v:.1f} s" for k, v in summary.startup.items()))
-        return summary
+        return _finish(cfg, store, summary)
     done = store.completed(sample.fingerprint) - stale_donors(catalog, store.read(), sample.fingerprint)
     pending = [e for e in catalog if e.donor not in done]
     summary.skipped_done = len(catalog) - len(pending)
@@ -197,8 +194,14 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
         runner = ActorPoolRunner(cfg, opts.model_dump(), sample, store)
         runner.run(pending, include_base, summary)
         summary.donor_examples = len(pending) * len(sample.examples)
+    return _finish(cfg, store, summary)
+
+
+def _finish(cfg: ScoreConfig, store, summary: ScoreSummary) -> ScoreSummary:
+    """Fold the journal into scores.parquet, stamp the job's seconds, and log where its fixed cost went."""
     store.compact()
-    summary.seconds = time.perf_counter() - t0
-    if summary.startup:
-        log.info("start-up (%s executor): %s", cfg.executor, ", ".join(f"{k} after {v:.1f} s" for k, v in summary.startup.items()))
+    summary.seconds = time.perf_counter() - summary.started
+    if len(summary.startup) > 1:  # more than "prepared": something was scored
+        log.info("start-up (%s executor): %s", cfg.executor,
+                 ", ".join(f"{k} after {v:.1f} s" for k, v in summary.startup.items()))
     return summary

@@ -157,8 +157,13 @@ class ActorPoolRunner:
             import torch
 
             self.saved_threads = torch.get_num_threads()
-            self.local = self.actor_cls(self.cfg.backend, self.cfg.base, self.options, self.validation,
-                                        max(1, int(self.cfg.cpus_per_actor)), self.cfg.hub_concurrency)
+            try:
+                self.local = self.actor_cls(self.cfg.backend, self.cfg.base, self.options, self.validation,
+                                            max(1, int(self.cfg.cpus_per_actor)), self.cfg.hub_concurrency)
+            except Exception as exc:  # noqa: BLE001 - one line, as a Ray actor's start failure is reported
+                torch.set_num_threads(self.saved_threads)
+                raise MashupError(f"the {self.cfg.backend} scorer could not start in this process (executor: local): "
+                                  f"{_one_line(exc)}") from None
         summary.mark("scorer_ready")
         while self.queue:
             batch = self.queue.popleft()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine.core.config import validate
-from engine.core.errors import ConfigError
+from engine.core.errors import ConfigError, MashupError
 from engine.scoring import ScoreConfig, score
 from engine.scoring.store import read_scores
 
@@ -49,3 +49,12 @@ def test_local_refuses_options_that_need_actors(option):
     data = {"base": "b", "donors": ["d"], "data": "t.jsonl", "out": "o", "executor": "local", **option}
     with pytest.raises(ConfigError, match=f"executor: local runs one scorer in this process, so {next(iter(option))}"):
         validate(ScoreConfig, data)
+
+
+def test_a_scorer_that_cannot_start_is_one_line(tmp_path, pool_dir, task_file, base_dir):
+    """A backend option the backend rejects when it builds (not at validation) surfaces as one MashupError."""
+    threads = torch.get_num_threads()
+    with pytest.raises(MashupError, match=r"the hf scorer could not start in this process \(executor: local\)"):
+        run(tmp_path, "nostart", [pool_dir / "qv"], task_file, base_dir, executor="local",
+            backend_options={"device": "no-such-device"})
+    assert torch.get_num_threads() == threads
