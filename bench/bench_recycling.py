@@ -84,7 +84,7 @@ class BenchConfig(RunPlan):
     def _arm_for(self, arm: ArmSpec, target: str) -> ArmSpec:
         """random-k draws a different seed per target (its seed + the target's index in the world): one shared seed would
         pick nearly the same donors from the nearly identical leave-one-out pools."""
-        select = {**given(self.select), **given(arm.select)}
+        select = self.arm_select(arm)
         if select.get("strategy") != "random-k":
             return arm
         seed = select.get("seed", 0) + self.world_targets().index(target)

@@ -80,6 +80,10 @@ class RunPlan(StrictModel):
         """This plan's fields as given, to build a RunConfig (or another plan) from."""
         return {name: getattr(self, name) for name in RunPlan.model_fields}
 
+    def arm_select(self, arm: ArmSpec) -> dict[str, Any]:
+        """The select options an arm sets, its overrides over the run's section (defaults left to the stage)."""
+        return {**given(self.select), **given(arm.select)}
+
 
 class RunConfig(RunPlan):
     out: Path
@@ -120,7 +124,7 @@ class RunConfig(RunPlan):
 
     def draws_per_seed(self, arm: ArmSpec) -> bool:
         """random-k is redrawn per seed: one draw reused by every seed would report one lucky (or unlucky) pick."""
-        return arm.init == "merge" and {**given(self.select), **given(arm.select)}.get("strategy") == "random-k"
+        return arm.init == "merge" and self.arm_select(arm).get("strategy") == "random-k"
 
     def merge_home(self, arm: ArmSpec, seed: int | None) -> Path:
         """Where an arm's selection.json and merged/ live: the arm's folder, or draw-seed<S>/ inside it."""
