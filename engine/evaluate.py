@@ -1,4 +1,5 @@
-"""Held-out evaluation of a causal LM (plain or PEFT): completion-token loss, token accuracy, multiple-choice accuracy.
+"""Held-out evaluation of a causal LM (plain or PEFT): completion-token loss, token accuracy, multiple-choice accuracy,
+and greedy exact match on generation rows (`greedy_exact_match`).
 
 Results are kept as sums, not means, so that shards evaluated on different workers add up exactly to the result
 of one process (docs/contracts.md, "Task data": the loss is token-weighted). The math is `engine.core.losses`, the
@@ -132,3 +133,76 @@ def pad_token_id(tokenizer: Any, model: Any) -> int:
         if candidate is not None:
             return int(candidate)
     return int(tokenizer.eos_token_id)
+
+
+def exact_match_text(generated: str, reference: str, stop: Sequence[str] = ("\n",), eos: str | None = None) -> bool:
+    """Does a greedy continuation say exactly the reference? Both sides are stripped of surrounding whitespace
+    (the data format gives completions one leading space, and a model may end with a space or newline before its
+    EOS), and the continuation is cut at the first `stop` string the reference does not itself contain: what a
+    user reads is the first line, not what the model would ramble on with. EOS ends the text: the decode cuts it on
+    token ids, and `eos` cuts a textual one (a continuation decoded with its special tokens)."""
+    text = generated.split(eos, 1)[0] if eos else generated
+    for s in stop:
+        if s and s not in reference and s in text:
+            text = text.split(s, 1)[0]
+    return text.strip() == reference.strip()
+
+
+@dataclass
+class ExactMatch:
+    n_correct: int
+    n_examples: int
+    outputs: list[str]
+
+    @property
+    def accuracy(self) -> float:
+        return self.n_correct / self.n_examples if self.n_examples else math.nan
+
+
+def greedy_exact_match(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    chat_template: bool = False,
+    margin: int = 4,
+    batch_size: int = 16,
+    stop: Sequence[str] = ("\n",),
+) -> ExactMatch:
+    """Greedy exact-match accuracy on generation rows: what a user of the finetuned model sees, where teacher-forced
+    token accuracy only says how close it came. Each row decodes at most its reference's token count + `margin`
+    tokens (a right answer needs no more, and the cap keeps CPU evaluation affordable), stops at EOS, and is
+    compared by `exact_match_text`. The prompt is encoded as training encodes it (`encode_prompt`)."""
+    from engine.core.data import encode_prompt
+
+    device = next(model.parameters()).device
+    pad_id = pad_token_id(tokenizer, model)
+    eos = tokenizer.eos_token_id
+    prompts = [encode_prompt(tokenizer, ex.prompt, chat_template) for ex in examples]
+    budgets = [len(tokenizer(ex.completion, add_special_tokens=False)["input_ids"]) + margin for ex in examples]
+    outputs = [""] * len(examples)
+    order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                chunk = order[start:start + batch_size]
+                width = max(len(prompts[i]) for i in chunk)
+                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for row, i in enumerate(chunk):
+                    ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                    mask[row, width - len(prompts[i]):] = 1
+                new = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                     max_new_tokens=max(budgets[i] for i in chunk), pad_token_id=pad_id,
+                                     eos_token_id=eos)[:, width:].tolist()
+                for row, i in enumerate(chunk):
+                    toks = new[row][:budgets[i]]
+                    if eos in toks:
+                        toks = toks[:toks.index(eos)]
+                    outputs[i] = tokenizer.decode(toks, skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+    hits = sum(exact_match_text(out, ex.completion, stop, tokenizer.eos_token) for out, ex in zip(outputs, examples))
+    return ExactMatch(hits, len(examples), outputs)
