@@ -98,7 +98,8 @@ def run_bigbench(cfg: BigBenchConfig, scale: str | None = None) -> Path:
     targets = cfg.target_names()
     main = {t: cfg.run_config(t) for t in targets}
     fast = {t: cfg.run_config(t, fast=True) for t in targets} if cfg.fast is not None else {}
-    ensure_ray(address=cfg.ray_address, include_dashboard=False)
+    # "local": a Ray of our own even when another cluster runs on this machine (ray.init() with no address joins one)
+    ensure_ray(address=cfg.ray_address or "local", include_dashboard=False)
     for i, t in enumerate(targets):
         log.info("target %d/%d %s: score, select, merge", i + 1, len(targets), t)
         prepare(main[t])
