@@ -38,7 +38,7 @@ MIN_Z, MIN_FIRST_SLICE = 1.0, 4
 
 def prefix_stats(out: Path) -> dict[int, dict[str, Any]]:
     """{prefix size: {donor: RoundStats}} from a keep-everyone cascade's store (exact ok rows, the base left out)."""
-    from engine.scoring.cascade import PARTIAL, RoundStats
+    from engine.scoring.cascade import PARTIAL, RoundStats, prefix_size
     from engine.scoring.store import read_scores
 
     df = read_scores(out)
@@ -47,7 +47,7 @@ def prefix_stats(out: Path) -> dict[int, dict[str, Any]]:
     by_n: dict[int, dict[str, Any]] = {}
     for row in df.to_dict("records"):
         sid = row["sample_id"]
-        n = int(sid.rsplit(PARTIAL, 1)[1]) if PARTIAL in sid else total
+        n = prefix_size(sid) or total
         by_n.setdefault(n, {})[row["donor"]] = RoundStats.from_row(row)
     return by_n
 

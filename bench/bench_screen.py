@@ -78,7 +78,7 @@ def analyse(run: dict[str, Any], n: int | None, args) -> dict[str, Any]:
     exact = {r["donor"]: RoundStats.from_row(r) for r in full.to_dict("records") if r["donor"] in set(donors)}
     scr = rows[(rows.kind == "screen") & (rows.sample_id == sid) & (rows.status == "ok") & rows.donor.isin(donors)]
     pred, align = dict(zip(scr.donor, scr.loss)), dict(zip(scr.donor, scr.alignment))
-    probe = ok_stats(store, prefix_id(sid, args.probe, rec["examples"]), 0, donors)
+    probe = ok_stats(store, prefix_id(sid, args.probe, rec["examples"], rec.get("seed", 0)), 0, donors)
     unseen = [d for d in donors if d not in pred]
     loss = {d: s.loss for d, s in exact.items()}
     ranked = sorted(loss, key=lambda d: (loss[d], d))

@@ -183,18 +183,30 @@ def ranking_table(donors, top: int = 12) -> list[str]:
     return lines + [""]
 
 
+def run_scope(cfg):
+    """The scope (sample and pool) this run scored, as `engine.run.prepare` recorded it; None for a run that scored
+    nothing (then there is no scoring section)."""
+    from engine.core.pools import resolve_scope
+
+    path = cfg.out / "scope.json"
+    if not path.exists():
+        return None
+    scope = json.loads(path.read_text())
+    return resolve_scope(cfg.out / "score", [], scope.get("sample"), scope.get("pool"))
+
+
 def render(cfg, data: dict[str, Any], plots: list[Path]) -> str:
     m = data["metric"]
     out = [f"# mashup run report", "", f"*{time.strftime('%Y-%m-%d %H:%M')}* — base `{cfg.base}`, task `{cfg.train}`, "
            f"validation `{cfg.val}`, held-out `{cfg.eval}`.", "", "## Verdict", "", *verdict(data), ""]
     scores = data["scores"]
-    if scores is not None and len(scores):
+    if scores is not None and len(scores) and (cfg.out / "scope.json").exists():
         from engine.selection import full_sample_rows
 
-        ok = full_sample_rows(scores)[0]
-        ok = ok[ok.status == "ok"]
+        full = full_sample_rows(scores, cfg.out / "score", run_scope(cfg))[0]
+        ok = full[full.status == "ok"]
         base = ok[ok.donor == "__base__"]
-        out += ["## Scoring", "", f"{len(ok) - len(base)} donors scored, {int((scores.status == 'failed').sum())} failed; "
+        out += ["## Scoring", "", f"{len(ok) - len(base)} donors scored, {int((full.status == 'failed').sum())} failed; "
                 f"base loss {_fmt(float(base.loss.iloc[0]) if len(base) else None)} nats/token.", ""]
         out += ranking_table(ok[ok.donor != "__base__"])
     for arm, sel in data["selections"].items():

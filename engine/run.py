@@ -19,6 +19,7 @@ __all__ = ["Arms", "ArmSpec", "RunConfig", "RunPlan", "SweepSpec", "finetune_one
            "run_name"]
 
 log = logging.getLogger("mashup.run")
+SCOPE_FILE = "scope.json"  # the sample and pool this run scored: what its selections and report read
 
 
 class Timings:
@@ -77,17 +78,24 @@ def prepare(cfg: RunConfig) -> Timings:
     cfg.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg.out / "config.json", cfg.model_dump_json(indent=1))
     timings = Timings(cfg.out / "timings.json")
+    scope_file = cfg.out / SCOPE_FILE
+    scope: dict[str, str | None] = {}
     if any(a.init == "merge" for a in cfg.arms):
         t0 = time.perf_counter()
         summary = score(cfg.score_config())
         timings.add("score", time.perf_counter() - t0)
         log.info("scoring: %d scored, %d failed, %d already done", summary.scored, summary.failed, summary.skipped_done)
+        # Every arm ranks this call's pool on this call's sample, never other rows the folder holds.
+        scope = {"sample": summary.sample_id, "pool": summary.pool}
+        atomic_write_text(scope_file, json.dumps(scope, indent=1) + "\n")
+    else:
+        scope_file.unlink(missing_ok=True)
     for arm in cfg.arms:
         if arm.init != "merge":
             continue
         for seed in cfg.draw_seeds(arm):
             t0 = time.perf_counter()
-            select_with_config(cfg.select_config(arm, seed))
+            select_with_config(cfg.select_config(arm, seed).model_copy(update=scope))
             merge_cfg = cfg.merge_config(arm, seed)
             if not _merge_is_current(cfg.merge_home(arm, seed), merge_cfg):
                 merge_with_config(merge_cfg)

@@ -187,13 +187,15 @@ class RunConfig(RunPlan):
 
     @staticmethod
     def _check_cascade(score, arm: ArmSpec, select) -> None:
-        """A cascade leaves full-sample losses for its survivors only: say so before scoring, not after."""
-        if score.strategy != "cascade":
+        """A cascade or a screen leaves full-sample losses for its survivors only: an ablation that needs every
+        donor's loss (random-k, worst-k, all) would draw from the survivors, so say so before scoring, not after."""
+        if score.strategy == "exhaustive":
             return
         if select.strategy != "top-k":
-            raise ConfigError(f"arms.{arm.name}: strategy {select.strategy!r} needs every donor's full-sample loss; "
+            raise ConfigError(f"arms.{arm.name}: strategy {select.strategy!r} needs every donor's full-sample loss, "
+                              f"but score.strategy {score.strategy!r} scores only its survivors on the full sample; "
                               "use score.strategy: exhaustive for ablations")
-        if select.k > score.cascade.min_survivors:
+        if score.strategy == "cascade" and select.k > score.cascade.min_survivors:
             raise ConfigError(f"arms.{arm.name}: select.k ({select.k}) exceeds score.cascade.min_survivors "
                               f"({score.cascade.min_survivors}); the cascade would not keep enough donors")
 

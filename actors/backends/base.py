@@ -78,6 +78,10 @@ class BackendOptions(StrictModel):
     batch_tokens: int = Field(8192, ge=64, description="padded tokens per forward pass")
     trust_remote_code: bool = False
 
+    # Options that change only speed, never a score (each backend's parity tests hold them to that); every other
+    # option joins the scores' identity (ScoreSettings.scorer_key), so rows computed otherwise are not reused.
+    SPEED_ONLY: ClassVar[frozenset[str]] = frozenset({"max_resident", "batch_tokens"})
+
 
 class Backend(ABC):
     name: ClassVar[str]

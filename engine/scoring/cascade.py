@@ -92,9 +92,16 @@ class RoundStats:
                 "nll_tok_sum": self.nll_tok, "tok_sq_sum": int(self.tok_sq)}
 
 
-def prefix_id(sample_id: str, n: int, total: int) -> str:
-    """The sample id of a prefix row: the plain id once the prefix is the whole sample."""
-    return sample_id if n >= total else f"{sample_id}{PARTIAL}{n}"
+def prefix_id(sample_id: str, n: int, total: int, seed: int) -> str:
+    """The sample id of a prefix row, "<sample>@<n>.s<seed>": the first n examples of the order that `seed`
+    shuffles, so a cascade resumed with another seed never sums prefixes taken in two orders. The plain id once
+    the prefix is the whole sample (a sum over every example does not depend on the order)."""
+    return sample_id if n >= total else f"{sample_id}{PARTIAL}{n}.s{seed}"
+
+
+def prefix_size(sample_id: str) -> int | None:
+    """n of a prefix id (None for a full-sample id)."""
+    return int(sample_id.rsplit(PARTIAL, 1)[1].split(".s", 1)[0]) if is_partial(sample_id) else None
 
 
 def is_partial(sample_id: object) -> bool:
@@ -186,13 +193,13 @@ def run_cascade(cfg, opts, sample, catalog, store, summary) -> None:
     ids = {e.donor: i + 1 for i, e in enumerate(catalog)}
     survivors, before = list(entries), {}
     prev_n, n, round_ = 0, min(cc.first_slice, total), 0
-    record = {"sample_id": sample.fingerprint, "examples": total, "donors": len(entries),
+    record = {"sample_id": sample.fingerprint, "seed": cfg.seed, "examples": total, "donors": len(entries),
               "config": cc.model_dump(), "rounds": [], "finished": False}
     moved = moved_donors(catalog, store, sample.fingerprint)
     runner = ActorPoolRunner(cfg, opts.model_dump(), ordered, store)
     try:
         while True:
-            sid, final = prefix_id(sample.fingerprint, n, total), n >= total
+            sid, final = prefix_id(sample.fingerprint, n, total, cfg.seed), n >= total
             done = store.completed(sid, round_) - moved
             pending = [entries[d] for d in survivors if d not in done]
             with_base = BASE not in done

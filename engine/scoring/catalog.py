@@ -194,8 +194,12 @@ def stale_donors(entries: Iterable[DonorEntry], rows, sample_id: str) -> set[str
         if e.donor not in recorded or e.donor in stale:
             continue
         path, stat = recorded[e.donor]
-        if e.is_hub:
-            continue  # a commit is a content address: moved_revisions compares it
+        if e.is_hub and isinstance(path, str) and path.partition("@")[0] == e.path.partition("@")[0]:
+            continue  # the same repo, and a commit is a content address: moved_revisions compares it
+        if e.is_hub:  # the id named a local donor, or another repo, when it was scored: its row is not this donor's
+            stale.add(e.donor)
+            changed.append(e.donor)
+            continue
         if path != e.path or not isinstance(stat, str) or stat != stat_signature(e.path):
             stale.add(e.donor)
             changed.append(e.donor)

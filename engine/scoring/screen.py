@@ -115,7 +115,7 @@ def run_screen(cfg, opts, sample, catalog, store, summary) -> None:
     entries = {e.donor: e for e in catalog}
     ids = {e.donor: i + 1 for i, e in enumerate(catalog)}
     total = len(sample.examples)
-    record: dict[str, Any] = {"sample_id": sample.fingerprint, "examples": total, "donors": len(entries),
+    record: dict[str, Any] = {"sample_id": sample.fingerprint, "seed": cfg.seed, "examples": total, "donors": len(entries),
                               "tokens": sum(len(e.input_ids) for e in sample.examples),
                               "config": sc.model_dump(), "stages": [], "finished": False}
     runner = StageRunner(cfg, opts.model_dump(), sample, store)
@@ -152,10 +152,10 @@ def run_screen(cfg, opts, sample, catalog, store, summary) -> None:
         if sc.probe:
             n = min(sc.probe, total)
             ordered = cascade_order(sample, cfg.seed)
-            sid = prefix_id(sample.fingerprint, n, total)
+            sid = prefix_id(sample.fingerprint, n, total, cfg.seed)
             probe_sample = EncodedSample(ordered.examples[:n], sid, sample.base_fingerprint)
-            stale = stale_donors(catalog, store.read(), sid)
-            todo = [d for d in entries if d not in store.completed(sid) - stale]
+            done = store.completed(sid) - stale_donors(catalog, store.read(), sid)  # one read, not one per donor
+            todo = [d for d in entries if d not in done]
             summary.skipped_done += len(entries) - len(todo)
             stage("probe", "score", probe_sample, todo, False, n)
             probe_stats = ok_stats(store, sid, 0, entries)

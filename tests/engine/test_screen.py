@@ -150,7 +150,7 @@ def test_killed_screen_resumes_without_recomputing_finished_rows(ray_local, tmp_
     assert plain.written_at.tolist() == kept.written_at.tolist()  # not recomputed
     assert summary.skipped_done >= 1
     assert set(again[again.kind == "screen"].donor) == {"plain", "rslora", "patterns"}
-    assert set(again[again.sample_id.str.endswith("@2")].donor) == {"plain", "rslora", "patterns"}
+    assert set(again[again.sample_id.str.endswith("@2.s0")].donor) == {"plain", "rslora", "patterns"}
 
 
 @pytest.mark.parametrize("odd, why", [("embedding", "embedding"), ("saved", "modules_to_save")])
