@@ -128,16 +128,19 @@ def test_bad_section_is_named_before_any_work(tmp_path, run_config, capsys):
     assert not (tmp_path / "never").exists()
 
 
-@pytest.mark.parametrize("arm, message", [
-    ({"name": "rand", "select": {"strategy": "random-k"}}, "arms.rand: strategy 'random-k' needs every donor"),
-    ({"name": "wide", "select": {"k": 5}}, r"arms.wide: select.k \(5\) exceeds score.cascade.min_survivors \(4\)"),
+@pytest.mark.parametrize("strategy, arm, message", [
+    ("cascade", {"name": "rand", "select": {"strategy": "random-k"}}, "arms.rand: strategy 'random-k' needs every donor"),
+    ("cascade", {"name": "wide", "select": {"k": 5}},
+     r"arms.wide: select.k \(5\) exceeds score.cascade.min_survivors \(4\)"),
+    ("screen", {"name": "worst", "select": {"strategy": "worst-k"}}, "arms.worst: strategy 'worst-k' needs every donor"),
+    ("screen", {"name": "every", "select": {"strategy": "all"}}, "arms.every: strategy 'all' needs every donor"),
 ])
-def test_cascade_conflicts_are_named_before_scoring(tmp_path, run_config, capsys, arm, message):
+def test_cascade_and_screen_conflicts_are_named_before_scoring(tmp_path, run_config, capsys, strategy, arm, message):
     import re
 
     path, _ = run_config
     cfg = yaml.safe_load(path.read_text())
-    cfg["score"]["strategy"] = "cascade"
+    cfg["score"]["strategy"] = strategy
     cfg["arms"] = [arm, {"name": "scratch", "init": "none"}]
     cfg["out"] = str(tmp_path / "never")
     bad = tmp_path / "bad.yaml"

@@ -219,3 +219,18 @@ def test_metric_flag_reaches_selection_json(tmp_path, capsys):
     assert main(["select", "--scores", str(path), "--k", "1", "--metric", "token_accuracy", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["donors"][0]["donor"] == "c"
     assert "top-k by token_accuracy" in capsys.readouterr().out
+
+
+def test_ablations_refuse_a_pool_that_the_screen_cut(tmp_path):
+    """With screen.probe 0, donors the screen dropped have screen rows only: a worst-k or random-k arm would draw
+    from the screen's survivors (the worst of the predicted best), so it refuses; top-k ranks the survivors."""
+    from engine.core.pools import write_pool
+
+    rows = [score_row("__base__", 1.0), score_row("a", 0.3), score_row("b", 0.6)]
+    rows += [{**score_row(d, loss), "kind": "screen"} for d, loss in (("a", 0.2), ("b", 0.4), ("c", 2.0), ("d", 3.0))]
+    path = write_scores(tmp_path, rows)
+    write_pool(tmp_path, SAMPLE, ["a", "b", "c", "d"], "screen")
+    for strategy in ("worst-k", "random-k", "all"):
+        with pytest.raises(DataError, match="stopped 2 donors early"):
+            select(path, k=1, strategy=strategy)
+    assert names(select(path, k=2)) == ["a", "b"]
