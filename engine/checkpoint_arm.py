@@ -54,7 +54,9 @@ def examples_digest(examples: Sequence[Any]) -> str:
 
 
 class AdapterEvaluator:
-    """The base loaded once; each adapter attached, evaluated (engine.evaluate, as the finetune log does), detached."""
+    """The base loaded once; each adapter attached, evaluated (engine.evaluate, as the finetune log does), detached.
+    `chat_template` is the run's prompt format; it joins the cache key, so a cached result of the other format is
+    never reused (the plain format keeps the key it always had)."""
 
     def __init__(self, base: str | Path, chat_template: bool = False):
         import torch
@@ -76,7 +78,7 @@ class AdapterEvaluator:
 
         adapter = Path(adapter)
         key = (f"{name}:{fingerprint(adapter)[:16]}:{examples_digest(examples)[:16]}:"
-               f"{base_fingerprint(self.base_dir)[1]}")
+               f"{base_fingerprint(self.base_dir)[1]}" + (":chat_template" if self.chat_template else ""))
         cache_path = adapter / EVALS_FILE
         cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
         if key in cache:
@@ -130,7 +132,7 @@ def report_rows(cfg, arms: dict[str, Any], rows: list[dict[str, Any]]) -> list[d
         val, val_loss, held, held_final = [], [], [], []
         for seed in runs.curves:
             ft = cfg.finetune_config(arm, runs.lr, seed)
-            evaluator = evaluator or AdapterEvaluator(cfg.base, ft.chat_template)
+            evaluator = evaluator or AdapterEvaluator(cfg.base, cfg.chat_template)
             run_dir = cfg.run_dir(arm, runs.lr, seed)
             merged = merge_run(run_dir, arm.checkpoint_merge)
             if ft.eval:

@@ -16,12 +16,14 @@ from engine.core.atomic import atomic_write_text
 
 
 def _final_eval(cfg, run_dir: Path) -> dict[str, Any]:
-    """Held-out evaluation of a finished run's adapter, cached beside it under a key of the adapter's content,
-    the eval file's bytes and the base's fingerprint: a retrained run or an edited eval file is evaluated again."""
+    """Held-out evaluation of a finished run's adapter in the run's prompt format, cached beside it under a key of
+    the adapter's content, the eval file's bytes, the base's fingerprint and the format (the plain format adds
+    nothing, so older caches stay valid): a retrained run, an edited eval file or another format is evaluated again."""
     from engine.core.adapter import fingerprint, sha256_file
     from engine.core.identity import base_fingerprint, key_of
 
-    key = key_of([fingerprint(run_dir / "adapter"), sha256_file(cfg.eval), base_fingerprint(cfg.base)[1]])
+    parts = [fingerprint(run_dir / "adapter"), sha256_file(cfg.eval), base_fingerprint(cfg.base)[1]]
+    key = key_of(parts + (["chat_template"] if cfg.chat_template else []))
     cache = run_dir / "final_eval.json"
     if cache.exists():
         cached = json.loads(cache.read_text())
@@ -34,14 +36,10 @@ def _final_eval(cfg, run_dir: Path) -> dict[str, Any]:
     from engine.core.data import load_jsonl
     from engine.evaluate import evaluate
 
-    from engine.finetune.outputs import INFO_FILE
-
-    info = run_dir / "adapter" / INFO_FILE
-    ft = json.loads(info.read_text()).get("config", {}) if info.exists() else {}
     tok = AutoTokenizer.from_pretrained(cfg.base)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.base, dtype=torch.float32, use_safetensors=True),
                                       str(run_dir / "adapter"))
-    result = evaluate(model, tok, load_jsonl(cfg.eval), chat_template=bool(ft.get("chat_template", False))).summary()
+    result = evaluate(model, tok, load_jsonl(cfg.eval), chat_template=cfg.chat_template).summary()
     atomic_write_text(cache, json.dumps({"key": key, "result": result}))
     return result
 
@@ -111,7 +109,17 @@ def collect(cfg) -> dict[str, Any]:
     from engine.checkpoint_arm import report_rows
 
     return {"metric": metric, "baseline": cfg.baseline, "target": target, "rows": rows, "timings": timings,
-            "selections": selections, "arms": arms, "scores": scores, "checkpoint_merge": report_rows(cfg, arms, rows)}
+            "encoding": {**cfg.encoding(), "score_sample": _ranked_sample(scores)}, "selections": selections,
+            "arms": arms, "scores": scores, "checkpoint_merge": report_rows(cfg, arms, rows)}
+
+
+def _ranked_sample(scores) -> str | None:
+    """The sample id the donors were ranked on (its token ids carry the prompt format), as selection reads it."""
+    if scores is None or not len(scores):
+        return None
+    from engine.selection import full_sample_rows
+
+    return str(full_sample_rows(scores)[0]["sample_id"].iloc[0])
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -185,8 +193,10 @@ def ranking_table(donors, top: int = 12) -> list[str]:
 
 def render(cfg, data: dict[str, Any], plots: list[Path]) -> str:
     m = data["metric"]
+    fmt = "the tokenizer's chat template" if cfg.chat_template else "plain (no chat template)"
     out = [f"# mashup run report", "", f"*{time.strftime('%Y-%m-%d %H:%M')}* — base `{cfg.base}`, task `{cfg.train}`, "
-           f"validation `{cfg.val}`, held-out `{cfg.eval}`.", "", "## Verdict", "", *verdict(data), ""]
+           f"validation `{cfg.val}`, held-out `{cfg.eval}`. Prompt format: {fmt}, one for scoring, training and "
+           "every evaluation.", "", "## Verdict", "", *verdict(data), ""]
     scores = data["scores"]
     if scores is not None and len(scores):
         from engine.selection import full_sample_rows
