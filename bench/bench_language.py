@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     results = json.loads((cfg.out / "results.json").read_text())
     world = json.loads((world_dir / "world.json").read_text())
     command = f"python -m bench.bench_language --scale {args.scale}"
-    run_seconds = sum(json.loads((cfg.out / "timings.json").read_text()).values())  # over resumed attempts
+    run_seconds = sum(json.loads((cfg.out / "timings.json").read_text()).values())  # the work behind the results
     summary = summarize(results, world, command, {"world": world.get("build_seconds", t1 - t0), "run": run_seconds})
     out = RESULTS if args.scale == "cpu" else RESULTS.with_name(f"language_{args.scale}.json")
     atomic_write_text(out, json.dumps(summary, indent=1, default=str))

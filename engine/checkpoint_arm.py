@@ -100,10 +100,17 @@ def merge_run(run_dir: Path, spec: CheckpointMergeSpec) -> Path:
     return merge_checkpoints(run_dir, run_dir / MERGE_DIR, spec.metric, spec.penalty, spec.method)
 
 
-def merge_finished_runs(cfg) -> int:
-    """Merge the checkpoints of every finished run of every checkpoint-merge arm; returns how many runs."""
+def merge_finished_runs(cfg) -> dict[str, float]:
+    """Merge the checkpoints of every finished run of every checkpoint-merge arm. Returns the seconds of each merge
+    that was written (`<arm>/<run name>`), so the run records the cost of what it holds, not of a cache hit."""
+    import time
 
-    n = 0
+    from engine.merge.streaming import MERGE_INFO_FILE
+
+    def key(info: Path) -> str | None:
+        return json.loads(info.read_text()).get("key") if info.exists() else None
+
+    written = {}
     for arm in cfg.arms:
         if arm.checkpoint_merge is None:
             continue
@@ -111,9 +118,12 @@ def merge_finished_runs(cfg) -> int:
             for seed in cfg.sweep.seeds:
                 run_dir = cfg.run_dir(arm, lr, seed)
                 if (run_dir / "log.parquet").exists():
+                    info = run_dir / MERGE_DIR / MERGE_INFO_FILE
+                    before, t0 = key(info), time.perf_counter()
                     merge_run(run_dir, arm.checkpoint_merge)
-                    n += 1
-    return n
+                    if before is None or key(info) != before:  # a reused merge keeps its key
+                        written[f"{arm.name}/{run_dir.name}"] = time.perf_counter() - t0
+    return written
 
 
 def report_rows(cfg, arms: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
