@@ -110,3 +110,10 @@ def test_the_run_level_switch_reaches_every_stage(tmp_path, chat_base, pool_dir,
     evals = json.loads((run / "checkpoint_merge" / "evals.json").read_text())
     [val] = [v for k, v in evals.items() if k.startswith("val:")]
     assert val["loss"] == pytest.approx(loss(merged, True), abs=1e-5) and abs(val["loss"] - loss(merged, False)) > 1e-3
+
+    # Rerun with everything cached (the checkpoint merges included): the recorded time does not move.
+    timings = (out / "timings.json").read_text()
+    assert set(json.loads(timings)) == {"score", "select+merge:mashup", "finetune:mashup/seed0", "finetune:scratch/seed0",
+                                        "checkpoint_merge:mashup/seed0"}
+    assert main(["run", "--config", str(path)]) == 0
+    assert (out / "timings.json").read_text() == timings
