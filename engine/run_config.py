@@ -223,6 +223,9 @@ class RunConfig(RunPlan):
 
         ft = self.finetune_config(self.arms[0], self.lrs()[0], self.sweep.seeds[0])
         tokenizer = load_tokenizer(ft)
+        if self.chat_template and not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"chat_template: the base's tokenizer ({ft.base}) has no chat template; set "
+                              "chat_template: false for a base model without one")
         context = getattr(AutoConfig.from_pretrained(ft.base, trust_remote_code=ft.trust_remote_code),
                           "max_position_embeddings", None)
         load_task(ft, tokenizer, context)

@@ -59,6 +59,13 @@ def test_a_stage_section_cannot_set_its_own_prompt_format(tmp_path, chat_base, p
     assert not (tmp_path / "run").exists()
 
 
+def test_a_base_without_a_chat_template_is_named_before_any_work(tmp_path, base_dir, pool_dir, task_file, capsys):
+    path = write_config(tmp_path, base_dir, pool_dir, task_file, chat_template=True)
+    assert main(["run", "--config", str(path)]) == 2
+    assert "chat_template: the base's tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "score").exists()
+
+
 def test_the_run_level_switch_reaches_every_stage(tmp_path, chat_base, pool_dir, task_file):
     import torch
     from peft import PeftModel
