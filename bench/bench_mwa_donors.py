@@ -165,7 +165,7 @@ def run_config(cfg: MwaDonorsConfig, pool: str, manifest: Path):
         "train": task / "train.jsonl", "val": task / "val.jsonl", "eval": task / "eval.jsonl",
         "score": {**recipe.get("score", {}), **cfg.score}, "select": recipe.get("select", {"k": 2}),
         "merge": recipe.get("merge", {}), "finetune": {**recipe.get("finetune", {}), **cfg.finetune, "progress": False},
-        "arms": [a.model_dump() for a in arms], "baseline": "mashup",
+        "arms": [a.model_dump() for a in arms], "baseline": "mashup", "chat_template": recipe.get("chat_template", False),
         "sweep": {"lrs": [cfg.lr], "seeds": cfg.seeds}}, f"pool {pool}")
 
 

@@ -15,22 +15,46 @@ from pathlib import Path
 from engine.core.atomic import atomic_write_text
 from engine.run_config import Arms, ArmSpec, RunConfig, RunPlan, SweepSpec, run_name
 
-__all__ = ["Arms", "ArmSpec", "RunConfig", "RunPlan", "SweepSpec", "finetune_one", "finished_run", "pending_runs", "prepare", "run",
-           "run_name"]
+__all__ = ["Arms", "ArmSpec", "RunConfig", "RunPlan", "SweepSpec", "Timings", "finetune_one", "finished_run", "pending_runs",
+           "prepare", "run", "run_name", "stage_names"]
 
 log = logging.getLogger("mashup.run")
 SCOPE_FILE = "scope.json"  # the sample and pool this run scored: what its selections and report read
 
 
 class Timings:
-    """Wall-clock per stage, persisted so a resumed run still reports what earlier attempts spent."""
+    """Seconds per stage of the work that produced the run's current results (timings.json: stage → seconds), so
+    a resumed or rerun run reports what its results cost, not what every attempt spent. A cached stage records
+    nothing; a redone stage replaces its entry (`set`); scoring resumed on the same sample adds the resumed part
+    (`add` with the sample id, kept in timings_keys.json; another sample replaces the entry)."""
 
     def __init__(self, path: Path):
-        self.path = path
+        self.path, self.keys_path = path, path.with_name("timings_keys.json")
         self.data: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+        self.keys: dict[str, str] = json.loads(self.keys_path.read_text()) if self.keys_path.exists() else {}
 
-    def add(self, key: str, seconds: float) -> None:
-        self.data[key] = self.data.get(key, 0.0) + seconds
+    def set(self, stage: str, seconds: float) -> None:
+        """The stage was redone from scratch: its seconds are the whole cost of what it holds now."""
+        self.data[stage] = seconds
+        self.keys.pop(stage, None)
+        self._write()
+
+    def add(self, stage: str, seconds: float, key: str) -> None:
+        """More work towards the result `key` names (e.g. scoring resumed on the same sample): added to what was
+        recorded for the same key; a different key replaces the entry."""
+        self.data[stage] = (self.data.get(stage, 0.0) if self.keys.get(stage) == key else 0.0) + seconds
+        self.keys[stage] = key
+        self._write()
+
+    def keep(self, stages: set[str]) -> None:
+        """Drop the entries of stages the run no longer has (an arm, LR or seed removed): not the current results'."""
+        if set(self.data) - stages:
+            self.data = {k: v for k, v in self.data.items() if k in stages}
+            self.keys = {k: v for k, v in self.keys.items() if k in stages}
+            self._write()
+
+    def _write(self) -> None:
+        atomic_write_text(self.keys_path, json.dumps(self.keys, indent=1))
         atomic_write_text(self.path, json.dumps(self.data, indent=1))
 
 
@@ -83,7 +107,8 @@ def prepare(cfg: RunConfig) -> Timings:
     if any(a.init == "merge" for a in cfg.arms):
         t0 = time.perf_counter()
         summary = score(cfg.score_config())
-        timings.add("score", time.perf_counter() - t0)
+        if summary.scored or summary.failed:  # rows were written: work towards this sample's scores
+            timings.add("score", time.perf_counter() - t0, _sample_id(cfg))
         log.info("scoring: %d scored, %d failed, %d already done", summary.scored, summary.failed, summary.skipped_done)
         # Every arm ranks this call's pool on this call's sample, never other rows the folder holds.
         scope = {"sample": summary.sample_id, "pool": summary.pool}
@@ -99,8 +124,26 @@ def prepare(cfg: RunConfig) -> Timings:
             merge_cfg = cfg.merge_config(arm, seed)
             if not _merge_is_current(cfg.merge_home(arm, seed), merge_cfg):
                 merge_with_config(merge_cfg)
-            timings.add(cfg.merge_timing_key(arm.name, seed), time.perf_counter() - t0)
+                timings.set(cfg.merge_timing_key(arm.name, seed), time.perf_counter() - t0)
     return timings
+
+
+def _sample_id(cfg: RunConfig) -> str:
+    """The id of the sample the run scores (base, data, sampling and prompt format): what the score entry is for."""
+    from engine.scoring.api import pin_base, prepare_sample
+
+    score_cfg, base_fp = pin_base(cfg.score_config())
+    return prepare_sample(score_cfg, base_fp).fingerprint
+
+
+def stage_names(cfg: RunConfig) -> set[str]:
+    """Every timings.json entry the run's current results can have."""
+    names = {f"finetune:{arm.name}/{run_name(lr, seed)}" for arm in cfg.arms for lr in cfg.lrs() for seed in cfg.sweep.seeds}
+    names |= {f"checkpoint_merge:{arm.name}/{run_name(lr, seed)}" for arm in cfg.arms if arm.checkpoint_merge
+              for lr in cfg.lrs() for seed in cfg.sweep.seeds}
+    merged = [arm for arm in cfg.arms if arm.init == "merge"]
+    names |= {cfg.merge_timing_key(arm.name, seed) for arm in merged for seed in cfg.draw_seeds(arm)}
+    return names | ({"score"} if merged else set())
 
 
 def pending_runs(cfg: RunConfig) -> list[tuple[ArmSpec, float | None, int]]:
@@ -132,11 +175,11 @@ def run(cfg: RunConfig) -> Path:
     for arm, lr, seed in pending_runs(cfg):
         t0 = time.perf_counter()
         finetune_one(cfg, arm, lr, seed)
-        timings.add(f"finetune:{arm.name}/{run_name(lr, seed)}", time.perf_counter() - t0)
+        timings.set(f"finetune:{arm.name}/{run_name(lr, seed)}", time.perf_counter() - t0)
     if any(a.checkpoint_merge is not None for a in cfg.arms):
         from engine.checkpoint_arm import merge_finished_runs
 
-        t0 = time.perf_counter()
-        merge_finished_runs(cfg)
-        timings.add("checkpoint_merge", time.perf_counter() - t0)
+        for run, seconds in merge_finished_runs(cfg).items():
+            timings.set(f"checkpoint_merge:{run}", seconds)
+    timings.keep(stage_names(cfg))
     return write_report(cfg)
