@@ -125,17 +125,14 @@ def collect(cfg) -> dict[str, Any]:
     from engine.checkpoint_arm import report_rows
 
     return {"metric": metric, "baseline": cfg.baseline, "target": target, "rows": rows, "timings": timings,
-            "encoding": {**cfg.encoding(), "score_sample": _ranked_sample(scores)}, "selections": selections,
+            "encoding": {**cfg.encoding(), "score_sample": _ranked_sample(cfg)}, "selections": selections,
             "arms": arms, "scores": scores, "checkpoint_merge": report_rows(cfg, arms, rows)}
 
 
-def _ranked_sample(scores) -> str | None:
-    """The sample id the donors were ranked on (its token ids carry the prompt format), as selection reads it."""
-    if scores is None or not len(scores):
-        return None
-    from engine.selection import full_sample_rows
-
-    return str(full_sample_rows(scores)[0]["sample_id"].iloc[0])
+def _ranked_sample(cfg) -> str | None:
+    """The sample id the donors were ranked on (its token ids carry the prompt format), as the run recorded it."""
+    scope = run_scope(cfg)
+    return None if scope is None else scope.sample_id
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:

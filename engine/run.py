@@ -25,13 +25,15 @@ SCOPE_FILE = "scope.json"  # the sample and pool this run scored: what its selec
 class Timings:
     """Seconds per stage of the work that produced the run's current results (timings.json: stage → seconds), so
     a resumed or rerun run reports what its results cost, not what every attempt spent. A cached stage records
-    nothing; a redone stage replaces its entry (`set`); scoring resumed on the same sample adds the resumed part
-    (`add` with the sample id, kept in timings_keys.json; another sample replaces the entry)."""
+    nothing; a redone stage replaces its entry (`set`). Scoring is kept per sample (timings_keys.json: stage → {key:
+    seconds}): scoring resumed on the same sample adds the resumed part, and a run that goes back to a sample it
+    scored before reports what that sample cost (`use`)."""
 
     def __init__(self, path: Path):
         self.path, self.keys_path = path, path.with_name("timings_keys.json")
         self.data: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
-        self.keys: dict[str, str] = json.loads(self.keys_path.read_text()) if self.keys_path.exists() else {}
+        keys = json.loads(self.keys_path.read_text()) if self.keys_path.exists() else {}
+        self.keys: dict[str, dict[str, float]] = {k: v for k, v in keys.items() if isinstance(v, dict)}
 
     def set(self, stage: str, seconds: float) -> None:
         """The stage was redone from scratch: its seconds are the whole cost of what it holds now."""
@@ -41,10 +43,18 @@ class Timings:
 
     def add(self, stage: str, seconds: float, key: str) -> None:
         """More work towards the result `key` names (e.g. scoring resumed on the same sample): added to what was
-        recorded for the same key; a different key replaces the entry."""
-        self.data[stage] = (self.data.get(stage, 0.0) if self.keys.get(stage) == key else 0.0) + seconds
-        self.keys[stage] = key
+        recorded for that key, which becomes the stage's entry."""
+        per = self.keys.setdefault(stage, {})
+        per[key] = per.get(key, 0.0) + seconds
+        self.data[stage] = per[key]
         self._write()
+
+    def use(self, stage: str, key: str) -> None:
+        """The stage's result `key` was reused whole (nothing recomputed): report what it cost when it was made."""
+        recorded = self.keys.get(stage, {}).get(key)
+        if recorded is not None and self.data.get(stage) != recorded:
+            self.data[stage] = recorded
+            self._write()
 
     def keep(self, stages: set[str]) -> None:
         """Drop the entries of stages the run no longer has (an arm, LR or seed removed): not the current results'."""
@@ -108,7 +118,9 @@ def prepare(cfg: RunConfig) -> Timings:
         t0 = time.perf_counter()
         summary = score(cfg.score_config())
         if summary.scored or summary.failed:  # rows were written: work towards this sample's scores
-            timings.add("score", time.perf_counter() - t0, _sample_id(cfg))
+            timings.add("score", time.perf_counter() - t0, summary.sample_id)
+        else:
+            timings.use("score", summary.sample_id)
         log.info("scoring: %d scored, %d failed, %d already done", summary.scored, summary.failed, summary.skipped_done)
         # Every arm ranks this call's pool on this call's sample, never other rows the folder holds.
         scope = {"sample": summary.sample_id, "pool": summary.pool}
@@ -126,14 +138,6 @@ def prepare(cfg: RunConfig) -> Timings:
                 merge_with_config(merge_cfg)
                 timings.set(cfg.merge_timing_key(arm.name, seed), time.perf_counter() - t0)
     return timings
-
-
-def _sample_id(cfg: RunConfig) -> str:
-    """The id of the sample the run scores (base, data, sampling and prompt format): what the score entry is for."""
-    from engine.scoring.api import pin_base, prepare_sample
-
-    score_cfg, base_fp = pin_base(cfg.score_config())
-    return prepare_sample(score_cfg, base_fp).fingerprint
 
 
 def stage_names(cfg: RunConfig) -> set[str]:

@@ -44,14 +44,14 @@ def write_manifest(pool: Path, donors: list[str]) -> Path:
 
 def run_config(state: dict[str, Any], out: Path, paths: dict[str, Path]) -> dict[str, Any]:
     """The run config of a state: the keys a test changes, laid over a 2-step run of two arms."""
-    score = {"chat_template": state["chat"], "samples": state["samples"], "seed": state["seed"], "executor": "local", "donors_per_call": 4,
+    score = {"samples": state["samples"], "seed": state["seed"], "executor": "local", "donors_per_call": 4,
              "backend_options": {"dtype": state["dtype"]}}
-    finetune = {"chat_template": state["chat"], "steps": 2, "batch_size": 4, "eval_every": 1, "lr": state["lr"], "progress": False,
+    finetune = {"steps": 2, "batch_size": 4, "eval_every": 1, "lr": state["lr"], "progress": False,
                 "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}
     return {
         "out": str(out), "base": str(paths["base"]), "donors": [str(paths["pool"] / "manifest.jsonl")],
         "train": str(paths[state["data"]]), "val": str(paths["val"]), "eval": str(paths["val"]),
-        "score": score, "select": {"k": state["k"], "metric": state["metric"], "weighting": state["weighting"]},
+        "chat_template": state["chat"], "score": score, "select": {"k": state["k"], "metric": state["metric"], "weighting": state["weighting"]},
         "merge": {"method": state["method"]}, "finetune": finetune,
         "arms": [{"name": "mashup"}, {"name": "scratch", "init": "none"}],
         "sweep": {"lrs": [state["lr"]], "seeds": [state["sweep_seed"]]},

@@ -141,6 +141,8 @@ def test_timings_record_the_work_behind_the_current_results(tmp_path):
     Timings(path).add("score", 1.0, "sample-b")  # a new sample: the old sample's scoring is not what selection reads
     Timings(path).keep({"score"})
     assert json.loads(path.read_text()) == {"score": 1.0}
+    Timings(path).use("score", "sample-a")  # back to a sample scored before, all cached: what it cost then
+    assert json.loads(path.read_text()) == {"score": 3.5}
 
 
 def test_bad_section_is_named_before_any_work(tmp_path, run_config, capsys):

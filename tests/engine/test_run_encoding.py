@@ -83,7 +83,9 @@ def test_the_run_level_switch_reaches_every_stage(tmp_path, chat_base, pool_dir,
     examples = load_jsonl(task_file)
 
     # Scoring: the sample id is the hash of the template's token ids, not of the plain ones.
-    salt = base_fingerprint(str(chat_base))[1]
+    from engine.scoring.api import ScoreSettings
+
+    salt = f"{base_fingerprint(str(chat_base))[1]}|scorer:{ScoreSettings().scorer_key()}"  # the run's default scorer
     sample = sample_examples(examples, 8, 0)
     templated = encode_sample(tok, sample, chat_template=True, salt=salt).fingerprint
     assert templated != encode_sample(tok, sample, chat_template=False, salt=salt).fingerprint
