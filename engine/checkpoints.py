@@ -154,7 +154,7 @@ def checkpoint_selection(source: str | Path, metric: str = "loss", penalty: floa
 
     Each donor's `loss` is its training loss (not a scored loss) and `base_loss` is null: nothing was scored.
     """
-    from engine.selection import SelectedDonor, Selection
+    from engine.core.selection_file import SelectedDonor, Selection
 
     run_dir, rows = read_manifest(source)
     if steps is not None:

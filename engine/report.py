@@ -13,6 +13,7 @@ from typing import Any
 
 from engine.analysis import ArmRuns, best_lr, load_runs, mean_std, parity_step, seconds_at
 from engine.core.atomic import atomic_write_text
+from engine.core.scores import BASE_ROW
 
 
 def _final_eval(cfg, run_dir: Path) -> dict[str, Any]:
@@ -68,7 +69,7 @@ def _merge_overhead(timings: dict[str, float], cfg, spec) -> float:
 
 
 def collect(cfg) -> dict[str, Any]:
-    from engine.scoring.store import read_scores
+    from engine.core.scores import read_scores
 
     arms: dict[str, ArmRuns] = {}
     for arm in cfg.arms:
@@ -193,10 +194,10 @@ def render(cfg, data: dict[str, Any], plots: list[Path]) -> str:
 
         ok = full_sample_rows(scores)[0]
         ok = ok[ok.status == "ok"]
-        base = ok[ok.donor == "__base__"]
+        base = ok[ok.donor == BASE_ROW]
         out += ["## Scoring", "", f"{len(ok) - len(base)} donors scored, {int((scores.status == 'failed').sum())} failed; "
                 f"base loss {_fmt(float(base.loss.iloc[0]) if len(base) else None)} nats/token.", ""]
-        out += ranking_table(ok[ok.donor != "__base__"])
+        out += ranking_table(ok[ok.donor != BASE_ROW])
     for arm, sel in data["selections"].items():
         out += [f"### Selected for `{arm}` ({sel['strategy']} by {sel.get('metric', 'loss')}, k={sel['k']}, "
                 f"{sel['weighting']})", "",
