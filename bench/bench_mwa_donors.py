@@ -194,7 +194,7 @@ def measure_pool(rc) -> dict[str, Any]:
 
 def run_bench(cfg: MwaDonorsConfig, command: str = "python -m bench.bench_mwa_donors --readme") -> Path:
     """Donors → pools → one `mashup run` per pool → summary; returns the JSON path."""
-    from engine.ray_utils import ensure_ray
+    from engine.core.ray_utils import ensure_ray
     from engine.run import run as mashup_run
 
     t0 = time.perf_counter()

@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--donors-per-call", type=int, default=16)
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from engine.ray_utils import ensure_ray
+    from engine.core.ray_utils import ensure_ray
 
     root = build_pool_world(args.donors, args.examples, args.vocab, args.hidden, args.layers)
     sample = load_sample(root)

@@ -24,7 +24,7 @@ from actors.scorer import FAULT_HOOK_PREFIX, DonorScorer, ScoreTask, result_row
 from engine.core.donor import DonorEntry
 from engine.core.errors import MashupError
 from engine.core.scores import BASE_ROW as BASE, set_fields
-from engine.ray_utils import WORKER_ENV, cluster_has_gpus, ensure_ray
+from engine.core.ray_utils import WORKER_ENV, cluster_has_gpus, ensure_ray
 
 log = logging.getLogger("mashup.score")
 WAIT_WARN_S = 60.0
