@@ -172,7 +172,8 @@ def run_config(cfg: MwaDonorsConfig, pool: str, manifest: Path):
 def measure_pool(rc) -> dict[str, Any]:
     """What the report needs from one pool's finished `mashup run`: arms, per-seed held-out, picks, full ranking."""
     from engine.report import collect
-    from engine.selection import BASE_ROW, full_sample_rows, read_score_rows
+    from engine.core.scores import BASE_ROW
+    from engine.selection import full_sample_rows, read_score_rows
 
     data = collect(rc)
     arms = {}
