@@ -18,7 +18,9 @@ from pydantic import Field, model_validator
 from engine.core.config import StrictModel
 from engine.core.errors import ConfigError, DataError
 from engine.core.scores import BASE_ROW, full_sample_id, is_partial
-from engine.core.selection_file import SelectedDonor, Selection, donor_step, finite_float as _float  # noqa: F401 - re-exported
+from engine.core.selection_file import (  # noqa: F401 - Selection, SelectedDonor, donor_step: re-exported
+    SelectedDonor, Selection, donor_step, finite_float as _float,
+)
 from engine.weighting import Weighting, compute_weights
 
 log = logging.getLogger(__name__)

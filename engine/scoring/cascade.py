@@ -28,7 +28,9 @@ from typing import Any, Iterable
 from pydantic import Field
 
 from engine.core.config import StrictModel
-from engine.core.scores import BASE_ROW as BASE, EXACT, PARTIAL, full_sample_id, is_partial, prefix_id, set_fields  # noqa: F401
+from engine.core.scores import (  # noqa: F401 - PARTIAL, is_partial, prefix_id: re-exported, the grammar is the core's
+    BASE_ROW as BASE, EXACT, PARTIAL, full_sample_id, is_partial, prefix_id, set_fields,
+)
 
 log = logging.getLogger("mashup.score")
 SUMS = ("nll_sq_sum", "nll_tok_sum", "tok_sq_sum")
