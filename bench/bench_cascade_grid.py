@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.readme import add_output_options, machine, publish, rendered_only
+from engine.core.scores import BASE_ROW
 
 RESULTS = Path("bench/results/cascade_grid.json")
 README_BLOCK = "bench-cascade-grid"
@@ -42,7 +43,7 @@ def prefix_stats(out: Path) -> dict[int, dict[str, Any]]:
     from engine.scoring.store import read_scores
 
     df = read_scores(out)
-    df = df[(df.status == "ok") & (df.kind == "exact") & (df.donor != "__base__")]
+    df = df[(df.status == "ok") & (df.kind == "exact") & (df.donor != BASE_ROW)]
     total = int(df[~df.sample_id.str.contains(PARTIAL, regex=False)].n_examples.max())
     by_n: dict[int, dict[str, Any]] = {}
     for row in df.to_dict("records"):

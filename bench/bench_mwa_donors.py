@@ -172,7 +172,8 @@ def run_config(cfg: MwaDonorsConfig, pool: str, manifest: Path):
 def measure_pool(rc) -> dict[str, Any]:
     """What the report needs from one pool's finished `mashup run`: arms, per-seed held-out, picks, full ranking."""
     from engine.report import collect
-    from engine.selection import BASE_ROW, full_sample_rows, read_score_rows
+    from engine.core.scores import BASE_ROW
+    from engine.selection import full_sample_rows, read_score_rows
 
     data = collect(rc)
     arms = {}
@@ -194,7 +195,7 @@ def measure_pool(rc) -> dict[str, Any]:
 
 def run_bench(cfg: MwaDonorsConfig, command: str = "python -m bench.bench_mwa_donors --readme") -> Path:
     """Donors → pools → one `mashup run` per pool → summary; returns the JSON path."""
-    from engine.ray_utils import ensure_ray
+    from engine.core.ray_utils import ensure_ray
     from engine.run import run as mashup_run
 
     t0 = time.perf_counter()

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine.core.scores import BASE_ROW
+
 RESULTS = Path("bench/results/screen.json")
 OUT = Path(".cache/screen/runs")
 KS = (1, 2, 4, 8)
@@ -159,7 +161,7 @@ def timings(run: dict[str, Any], args) -> None:
     per = {}
     for name, mask in (("screen", rows.kind == "screen"), ("probe", (rows.kind == "exact") & (rows.sample_id == probe_sid)),
                        ("exact", (rows.kind == "exact") & (rows.sample_id == sid) & (rows["round"] == 0)
-                        & (rows.donor != "__base__"))):
+                        & (rows.donor != BASE_ROW))):
         sel = rows[mask & (rows.status == "ok")]
         per[name] = float(sel.seconds.sum()) / max(len(sel), 1) / args.actors
     screened = rows[(rows.kind == "screen") & (rows.status == "ok")]

@@ -13,6 +13,7 @@ from typing import Any
 
 from engine.analysis import ArmRuns, best_lr, load_runs, mean_std, parity_step, seconds_at
 from engine.core.atomic import atomic_write_text
+from engine.core.scores import BASE_ROW
 
 
 def _final_eval(cfg, run_dir: Path) -> dict[str, Any]:
@@ -82,7 +83,7 @@ def arm_role(cfg, spec) -> str:
 def collect(cfg) -> dict[str, Any]:
     """Every number of the report (and results.json) from the run's folder: per arm at its best LR, the
     curves' finals, parity against the baseline, wall-clock, held-out scores, plus the run's encoding."""
-    from engine.scoring.store import read_scores
+    from engine.core.scores import read_scores
 
     arms: dict[str, ArmRuns] = {}
     for arm in cfg.arms:
@@ -254,10 +255,10 @@ def render(cfg, data: dict[str, Any], plots: list[Path]) -> str:
 
         full = full_sample_rows(scores, cfg.out / "score", run_scope(cfg))[0]
         ok = full[full.status == "ok"]
-        base = ok[ok.donor == "__base__"]
+        base = ok[ok.donor == BASE_ROW]
         out += ["## Scoring", "", f"{len(ok) - len(base)} donors scored, {int((full.status == 'failed').sum())} failed; "
                 f"base loss {_fmt(float(base.loss.iloc[0]) if len(base) else None)} nats/token.", ""]
-        out += ranking_table(ok[ok.donor != "__base__"])
+        out += ranking_table(ok[ok.donor != BASE_ROW])
     for arm, sel in data["selections"].items():
         out += [f"### Selected for `{arm}` ({sel['strategy']} by {sel.get('metric', 'loss')}, k={sel['k']}, "
                 f"{sel['weighting']})", "",

@@ -7,23 +7,23 @@ full-sample loss, which a cascade does not measure), so the other strategies are
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
-from engine.core.atomic import atomic_write_text
 from engine.core.config import StrictModel
 from engine.core.errors import ConfigError, DataError
+from engine.core.scores import BASE_ROW, full_sample_id, is_partial
+from engine.core.selection_file import (  # noqa: F401 - Selection, SelectedDonor, donor_step: re-exported
+    SelectedDonor, Selection, donor_step, finite_float as _float,
+)
 from engine.weighting import Weighting, compute_weights
 
 log = logging.getLogger(__name__)
-
-BASE_ROW = "__base__"
 Strategy = Literal["top-k", "random-k", "worst-k", "all"]
 STRATEGIES: tuple[str, ...] = ("top-k", "random-k", "worst-k", "all")
 Metric = Literal["loss", "token_accuracy"]
@@ -66,62 +66,9 @@ class SelectConfig(SelectSettings):
         return self
 
 
-class SelectedDonor(StrictModel):
-    """One donor from its score row to the merge: the same object is ranked, picked, weighted and written."""
-
-    donor: str
-    loss: float
-    weight: float = 0.0  # set once the picks are weighted
-    path: str | None = None
-    token_accuracy: float | None = None
-    fingerprint: str | None = None  # the content fingerprint of the files that were scored (engine.core.adapter)
-    revision: str | None = None  # the Hub commit that was scored (its path is pinned to it too)
-    step: float | None = None  # the checkpoint step from the donor's metadata, for mwa-steps
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> "SelectedDonor":
-        """A stored score row (engine.scoring.store's schema) as a candidate; missing values read as None."""
-        def text(value: object) -> str | None:
-            return value if isinstance(value, str) and value else None
-
-        return cls(donor=str(row["donor"]), loss=float(row["loss"]), token_accuracy=_float(row.get("token_accuracy")),
-                   path=text(row.get("path")), fingerprint=text(row.get("donor_sha256")),
-                   revision=text(row.get("revision")), step=donor_step(row.get("meta")))
-
-
-class Selection(StrictModel):
-    """selection.json (docs/contracts.md, "selection.json"); `path` and `token_accuracy` per donor, `metric` and
-    `temperature` are our documented extensions."""
-
-    k: int
-    strategy: str
-    metric: str = "loss"
-    weighting: str
-    penalty: float | None
-    temperature: float | None = None
-    base_loss: float | None
-    sample_id: str | None = None  # the scope that was ranked (engine.core.pools): its sample and pool
-    pool: str | None = None
-    donors: list[SelectedDonor]
-
-    def write(self, path: str | Path) -> Path:
-        """Atomic, so a reader never sees half a selection."""
-        return atomic_write_text(path, json.dumps(self.model_dump(), indent=2) + "\n")
-
-    @classmethod
-    def read(cls, path: str | Path) -> "Selection":
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"selection: file not found: {p}")
-        try:
-            return cls.model_validate_json(p.read_text())
-        except ValueError as exc:
-            raise ConfigError(f"selection: {p} is not a valid selection.json ({str(exc).splitlines()[0]})") from None
-
-
 def read_score_rows(scores: str | Path):
-    """The deduplicated store rows; `engine.scoring.store.read_scores` also folds in the write-ahead journal."""
-    from engine.scoring.store import read_scores
+    """The deduplicated store rows; `engine.core.scores.read_scores` also folds in the write-ahead journal."""
+    from engine.core.scores import read_scores
 
     path = Path(scores)
     if not path.exists():
@@ -140,12 +87,11 @@ def full_sample_rows(rows, source: object = "scores", scope=None):
     `source` (its recorded pools), refusing to guess between several. A cascade's partial-slice rows
     (`sample_id` "<sample>@<n>…") are never ranked: their losses cover fewer examples than the full-sample rows.
     """
-    from engine.scoring.cascade import is_partial
-    from engine.scoring.store import exact_rows
+    from engine.core.scores import exact_rows
 
     scope = scope or scope_of(rows, source)
     partial = rows["sample_id"].map(is_partial).astype(bool)
-    mine = rows["sample_id"].map(lambda s: isinstance(s, str) and s.split("@")[0] == scope.sample_id).astype(bool)
+    mine = rows["sample_id"].map(lambda s: isinstance(s, str) and full_sample_id(s) == scope.sample_id).astype(bool)
     if scope.donors is not None:
         mine &= rows["donor"].isin(scope.donors | {BASE_ROW})
     rows, partial = rows[mine], partial[mine]
@@ -170,24 +116,12 @@ def scope_of(rows, source: object, sample: str | None = None, pool: str | None =
     """The scope (engine.core.pools.Scope) a reader of the store at `source` asked for: the named pool or sample,
     else the folder's only one; several without a choice is a DataError listing them."""
     from engine.core.pools import resolve_scope
-    from engine.scoring.cascade import is_partial
 
     folder = Path(str(source))
     folder = folder if folder.is_dir() else folder.parent
     full = rows[~rows["sample_id"].map(is_partial).astype(bool) & (rows["kind"].fillna("exact") == "exact")]
     samples = sorted(set(full.loc[full["donor"] == BASE_ROW, "sample_id"].dropna()) or set(full["sample_id"].dropna()))
     return resolve_scope(folder, samples, sample, pool)
-
-
-def donor_step(meta: object) -> float | None:
-    """The checkpoint step from the manifest metadata JSON, if the donor carries one."""
-    if not isinstance(meta, str) or not meta:
-        return None
-    try:
-        step = json.loads(meta).get("step")
-    except (ValueError, AttributeError):
-        return None
-    return float(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else None
 
 
 def rank_key(metric: str):
@@ -276,15 +210,6 @@ def select_with_config(config: SelectConfig) -> Selection:
     if config.out is not None:
         selection.write(config.out)
     return selection
-
-
-def _float(value: object) -> float | None:
-    """A finite float, or None for a missing or NaN store value."""
-    try:
-        x = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 def select(

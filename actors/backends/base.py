@@ -14,8 +14,7 @@ from pydantic import Field
 
 from engine.core.config import StrictModel
 from engine.core.data import EncodedSample
-
-BASE = "__base__"
+from engine.core.scores import BASE_ROW as BASE  # the base model's donor id, the same as its score row's
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ def resolve_donors(config: MergeConfig) -> tuple[list[str], list[Path], list[flo
     """(names, folders, weights summing to 1, the fingerprints that were scored or None) from a selection.json or
     from --donors/--weights."""
     if config.selection is not None:
-        from engine.selection import Selection
+        from engine.core.selection_file import Selection
 
         selection = Selection.read(config.selection)
         names, paths, weights, scored = [], [], [], []

@@ -18,6 +18,7 @@ from pydantic import Field, field_validator, model_validator
 from engine.scoring.cascade import CascadeConfig
 from engine.core.config import StrictModel
 from engine.core.errors import ConfigError
+from engine.core.scores import BASE_ROW
 from engine.scoring.screen import ScreenConfig
 
 log = logging.getLogger("mashup.score")
@@ -200,7 +201,7 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     done = store.completed(sample.fingerprint) - stale_donors(catalog, store.read(), sample.fingerprint)
     pending = [e for e in catalog if e.donor not in done]
     summary.skipped_done = len(catalog) - len(pending)
-    include_base = "__base__" not in done
+    include_base = BASE_ROW not in done
     log.info("%d donors (%d already scored for sample %s), %d examples, %d completion tokens",
              len(catalog), summary.skipped_done, sample.fingerprint, len(sample.examples), sample.n_tokens)
     if pending or include_base:

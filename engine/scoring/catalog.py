@@ -15,6 +15,7 @@ from typing import Any, Iterable
 from engine.core.adapter import ADAPTER_FILES
 from engine.core.donor import DonorEntry, inside
 from engine.core.errors import ConfigError
+from engine.core.scores import BASE_ROW
 
 log = logging.getLogger("mashup.catalog")
 HUB_CONCURRENCY = 8
@@ -111,8 +112,8 @@ def build_catalog(sources: Iterable[str], hub_concurrency: int = HUB_CONCURRENCY
     out: list[DonorEntry] = []
     for source in sources:
         for entry in from_source(source, roots):
-            if entry.donor == "__base__":
-                entry.error = "the id '__base__' is reserved for the base model"
+            if entry.donor == BASE_ROW:
+                entry.error = f"the id '{BASE_ROW}' is reserved for the base model"
             if entry.donor in seen:
                 first = seen[entry.donor]
                 entry = DonorEntry(
