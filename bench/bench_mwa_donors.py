@@ -171,8 +171,8 @@ def run_config(cfg: MwaDonorsConfig, pool: str, manifest: Path):
 
 def measure_pool(rc) -> dict[str, Any]:
     """What the report needs from one pool's finished `mashup run`: arms, per-seed held-out, picks, full ranking."""
-    from engine.report import collect
     from engine.core.scores import BASE_ROW
+    from engine.report import collect, run_scope
     from engine.selection import full_sample_rows, read_score_rows
 
     data = collect(rc)
@@ -183,7 +183,7 @@ def measure_pool(rc) -> dict[str, Any]:
                     for s in rc.sweep.seeds]
         arms[row["arm"]] = {k: row[k] for k in ("lr", "step0", "final", "final_std", "final_loss", "heldout",
                                                 "heldout_std")} | {"heldout_per_seed": per_seed}
-    scores, _ = full_sample_rows(read_score_rows(rc.out / "score" / "scores.parquet"))
+    scores, _ = full_sample_rows(read_score_rows(rc.out / "score" / "scores.parquet"), rc.out / "score", run_scope(rc))
     ok = scores[(scores["status"] == "ok") & (scores["donor"] != BASE_ROW)]
     ranking = ok.groupby("donor")["loss"].mean().sort_values()
     base = scores.loc[scores["donor"] == BASE_ROW, "loss"]

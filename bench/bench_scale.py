@@ -98,7 +98,7 @@ def losses(out: Path) -> dict[str, float]:
     from engine.selection import full_sample_rows
     from engine.scoring.store import read_scores
 
-    rows, _ = full_sample_rows(read_scores(out))
+    rows, _ = full_sample_rows(read_scores(out), out)
     rows = rows[(rows.status == "ok") & (rows.donor != BASE_ROW)]
     return dict(zip(rows.donor, rows.loss.astype(float)))
 

@@ -234,3 +234,17 @@ def test_ablations_refuse_a_pool_that_the_screen_cut(tmp_path):
         with pytest.raises(DataError, match="stopped 2 donors early"):
             select(path, k=1, strategy=strategy)
     assert names(select(path, k=2)) == ["a", "b"]
+
+
+def test_cli_names_the_scopes_it_will_not_choose_between(tmp_path, capsys):
+    from engine.core.pools import write_pool
+
+    path = write_scores(tmp_path, [score_row("__base__", 1.0), score_row("a", 0.2), score_row("b", 0.5)])
+    one, two = write_pool(tmp_path, SAMPLE, ["a", "b"]), write_pool(tmp_path, SAMPLE, ["b"])
+    out = tmp_path / "selection.json"
+    assert main(["select", "--scores", str(path), "--k", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and one.pool in err and two.pool in err and "--pool" in err
+    assert not out.exists()
+    assert main(["select", "--scores", str(path), "--k", "1", "--pool", two.pool, "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["donors"][0]["donor"] == "b"
