@@ -1,7 +1,7 @@
 """A finetune run's checkpoints as a donor pool, weighted by Metrics-Weighted Averaging (arXiv 2504.18580).
 
 `mashup finetune --save-every N` leaves `checkpoints/step-N/` and describes them in a donor manifest
-(`checkpoints.jsonl`, engine/finetune/manifest.py) with each checkpoint's step and training loss; this module
+(`checkpoints.jsonl`, engine/core/run_folder.py) with each checkpoint's step and training loss; this module
 weights them as the MWA paper does: w_i ∝ train_loss_i^(-p) ("loss") or w_i ∝ step_i^p ("step"), normalised
 to sum 1, one penalty p for any number of checkpoints; p = 0 is the uniform average. No scoring is needed: the
 metrics come from the run's own log, so `mashup checkpoints RUN --metric loss` + `mashup merge --selection` merges a
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from engine.core.errors import ConfigError, DataError
-from engine.finetune.manifest import (  # noqa: F401 - the manifest is finetuning's; re-exported for its readers
+from engine.core.run_folder import (  # noqa: F401 - the manifest is the run folder's; re-exported for its readers
     MANIFEST_FILE, Checkpoint, checkpoint_rows, read_manifest, write_manifest,
 )
 

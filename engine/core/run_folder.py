@@ -1,9 +1,10 @@
-"""A finetune run's checkpoints as a donor manifest: `<run>/checkpoints.jsonl`, one row per checkpoint.
+"""A finetune run's folder: its file names, and its checkpoints as a donor manifest (`<run>/checkpoints.jsonl`).
 
-`mashup finetune --save-every N` leaves `checkpoints/step-N/`; the run writes this manifest beside them when it
+`mashup finetune --save-every N` leaves `checkpoints/step-N/`; the run writes the manifest beside them when it
 ends (the DESIGN.md §2 manifest format), so the checkpoints can be read as donors with each one's step and
-training loss. `engine/checkpoints.py` weights them (MWA); it is written here, by the stage that owns the run
-folder, so that finetuning never imports the code above it.
+training loss. The finetune stage writes this folder (`engine/finetune/outputs.py`) and the top reads it
+(`engine/checkpoints.py` weights the checkpoints, the report reads the run's info), so its layout lives in the
+core: finetuning never imports the code above it, and reading a manifest never loads the finetune stage (torch).
 
 Training loss of a checkpoint: the mean of the logged per-step training losses over the steps since the previous
 checkpoint, (previous step, step] (the first checkpoint averages from step 1). One step's loss is one batch's loss
@@ -22,9 +23,18 @@ from pydantic import Field
 from engine.core.atomic import atomic_write_text
 from engine.core.config import StrictModel
 from engine.core.errors import ConfigError, DataError
-from engine.finetune.outputs import ADAPTER_DIR, CHECKPOINTS_DIR, INFO_FILE
 
+LOG_JSONL = "log.jsonl"
+LOG_PARQUET = "log.parquet"
+ADAPTER_DIR = "adapter"
+CHECKPOINTS_DIR = "checkpoints"
+INFO_FILE = "finetune_info.json"
 MANIFEST_FILE = "checkpoints.jsonl"
+
+
+def checkpoint_path(out_dir: Path, step: int) -> Path:
+    """Where a run keeps the checkpoint of `step`: `checkpoints/step-NNNNNN` (the manifest reads the step back)."""
+    return out_dir / CHECKPOINTS_DIR / f"step-{step:06d}"
 
 
 class Checkpoint(StrictModel):
@@ -41,7 +51,7 @@ class Checkpoint(StrictModel):
 
 def _read_run_log(run_dir: Path) -> list[dict[str, Any]]:
     """log.parquet (a finished run), else log.jsonl (written as it goes, so a crashed run's checkpoints still count)."""
-    parquet, jsonl = run_dir / "log.parquet", run_dir / "log.jsonl"
+    parquet, jsonl = run_dir / LOG_PARQUET, run_dir / LOG_JSONL
     if parquet.exists():
         import pandas as pd
 
