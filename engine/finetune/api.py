@@ -45,8 +45,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         run_single(config)
     out = config.out_path
     checkpoints = sorted((out / CHECKPOINTS_DIR).glob("step-*")) if (out / CHECKPOINTS_DIR).is_dir() else []
-    if checkpoints:  # the run's checkpoints as a donor pool with step and training loss (engine/checkpoints.py)
-        from engine.checkpoints import write_manifest
+    if checkpoints:  # the run's checkpoints as a donor pool with step and training loss (engine/finetune/manifest.py)
+        from engine.finetune.manifest import write_manifest
 
         write_manifest(out)
     return FinetuneResult(out / ADAPTER_DIR, read_log(out), time.perf_counter() - t0, checkpoints)
