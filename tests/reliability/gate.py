@@ -19,17 +19,26 @@ def gate_env(folder: Path, donor: str) -> dict[str, str]:
     return {GATE_DONOR: donor, GATE_DIR: str(folder)}
 
 
+def wait_until(ready: Callable[[], object], job_alive: Callable[[], bool], what: str, timeout_s: float = 240) -> object:
+    """`ready()`'s first truthy value, polled; fails (naming `what`) if the job ends first or the time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = ready()
+        if value:
+            return value
+        assert job_alive(), f"the job ended before {what}"
+        assert time.monotonic() < deadline, f"not in {timeout_s:.0f}s: {what}"
+        time.sleep(0.02)
+
+
 def wait_entered(folder: Path, job_alive: Callable[[], bool], timeout_s: float = 240) -> dict:
     """The first call that reached the gate: its pid, node and donors. Polls for the call's own marker file (the
     gate holds the call until `release`, so the marker cannot be missed); fails if the job ends first."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+    def entered() -> dict | None:
         found = sorted(Path(folder).glob("entered-*.json"))
-        if found:
-            return json.loads(found[0].read_text())
-        assert job_alive(), "the job ended before any scoring call reached the gate"
-        assert time.monotonic() < deadline, f"no scoring call reached the gate in {timeout_s:.0f}s"
-        time.sleep(0.02)
+        return json.loads(found[0].read_text()) if found else None
+
+    return wait_until(entered, job_alive, "any scoring call reached the gate", timeout_s)
 
 
 def wait_gone(pid: int, timeout_s: float = 60) -> None:
