@@ -119,7 +119,9 @@ def scope_of(rows, source: object, sample: str | None = None, pool: str | None =
 
     folder = Path(str(source))
     folder = folder if folder.is_dir() else folder.parent
-    full = rows[~rows["sample_id"].map(is_partial).astype(bool) & (rows["kind"].fillna("exact") == "exact")]
+    whole = rows[~rows["sample_id"].map(is_partial).astype(bool)]
+    exact = whole[whole["kind"].fillna("exact") == "exact"]
+    full = exact if len(exact) else whole  # a store of screen rows only: exact_rows then says so, naming it
     samples = sorted(set(full.loc[full["donor"] == BASE_ROW, "sample_id"].dropna()) or set(full["sample_id"].dropna()))
     return resolve_scope(folder, samples, sample, pool)
 
