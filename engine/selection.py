@@ -193,7 +193,8 @@ def select_with_config(config: SelectConfig) -> Selection:
         raise DataError(f"scores: no donor with status ok{why} in {config.scores}")
     candidates.sort(key=rank_key(config.metric))
     full_donors = int((ok["donor"] != BASE_ROW).sum())
-    if stopped and config.k is not None and config.k > full_donors:
+    cascaded = stored["sample_id"].map(lambda x: is_partial(x) and full_sample_id(x) == scope.sample_id).any()
+    if stopped and cascaded and config.k is not None and config.k > full_donors:
         raise DataError(f"k: {config.k} exceeds the {full_donors} donors the cascade scored on the full sample; "
                         f"rerun `mashup score` with cascade.min_survivors >= {config.k} (it resumes)")
 
