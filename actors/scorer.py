@@ -18,14 +18,35 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from actors.backends import get_backend
-from actors.backends.base import BASE, DonorRequest, DonorScore
+from actors.backends.base import DonorRequest, DonorScore
 from engine.core.donor import DonorEntry
 from engine.core.data import EncodedSample
 from engine.core.errors import DonorError
+from engine.core.scores import BASE_ROW as BASE, score_row, set_fields
 
 # Fault-injection hooks, inert unless set; the driver forwards every MASHUP_TEST_* variable to its actors.
 FAULT_HOOK_PREFIX = "MASHUP_TEST_"
 HANG_HOOK = "MASHUP_TEST_HANG_DONOR"  # a donor id: any call that includes it sleeps (a stand-in for a hung backend)
+# A donor id and a folder: a call that includes the donor writes `<folder>/entered-<pid>.json` (its pid, node and
+# donors) and waits until `<folder>/release` exists. A fault test then strikes while the call is known to be in flight.
+GATE_HOOK, GATE_DIR_HOOK = "MASHUP_TEST_GATE_DONOR", "MASHUP_TEST_GATE_DIR"
+GATE_RELEASE = "release"
+
+
+def fault_gate(where: dict[str, Any], donors: list[str]) -> None:
+    """The gate hook (inert unless both variables are set): announce this call, then hold it until released."""
+    import json
+    from pathlib import Path
+
+    from engine.core.atomic import atomic_write_text
+
+    donor, folder = os.environ.get(GATE_HOOK), os.environ.get(GATE_DIR_HOOK)
+    if not donor or not folder or donor not in donors:
+        return
+    gate = Path(folder)
+    atomic_write_text(gate / f"entered-{os.getpid()}.json", json.dumps({**where, "donors": donors}))
+    while not (gate / GATE_RELEASE).exists():
+        time.sleep(0.02)
 
 
 @dataclass(frozen=True)
@@ -34,26 +55,28 @@ class ScoreTask:
     int_id: int
 
 
-def score_row(task: ScoreTask | None, score: DonorScore) -> dict[str, Any]:
+def result_row(task: ScoreTask | None, score: DonorScore) -> dict[str, Any]:
+    """A backend's result (or a donor's failure) as a score row (engine/core/scores.py), with the donor's path,
+    metadata and revision from its task; the driver fills in the sample, round and base it was scored against."""
     entry = task.entry if task else None
     ok = score.error is None
-    return {
-        "donor": score.donor,
-        "loss": score.loss if ok else math.nan,
-        "token_accuracy": score.token_accuracy if ok else math.nan,
-        "n_examples": score.n_examples,
-        "n_tokens": score.n_tokens,
-        "nll_sq_sum": score.nll_sq_sum,
-        "nll_tok_sum": score.nll_tok_sum,
-        "tok_sq_sum": score.tok_sq_sum,
-        "status": "ok" if ok else "failed",
-        "error": score.error,
-        "seconds": score.seconds,
-        "path": entry.path if entry else "",
-        "meta": entry.meta if entry else {},
-        "revision": entry.revision if entry else None,
-        "backend": score.backend,
-    }
+    return score_row(
+        score.donor,
+        loss=score.loss if ok else math.nan,
+        token_accuracy=score.token_accuracy if ok else math.nan,
+        n_examples=score.n_examples,
+        n_tokens=score.n_tokens,
+        nll_sq_sum=score.nll_sq_sum,
+        nll_tok_sum=score.nll_tok_sum,
+        tok_sq_sum=score.tok_sq_sum,
+        status="ok" if ok else "failed",
+        error=score.error,
+        seconds=score.seconds,
+        path=entry.path if entry else "",
+        meta=entry.meta if entry else {},
+        revision=entry.revision if entry else None,
+        backend=score.backend,
+    )
 
 
 class DonorScorer:
@@ -134,13 +157,15 @@ class DonorScorer:
                 requests.append(request)
                 by_donor[task.entry.donor] = scored
             except DonorError as exc:
-                rows[task.entry.donor] = score_row(task, DonorScore(task.entry.donor, error=exc.reason,
-                                                                    seconds=time.perf_counter() - t0))
+                rows[task.entry.donor] = result_row(task, DonorScore(task.entry.donor, error=exc.reason,
+                                                                     seconds=time.perf_counter() - t0))
         hang = os.environ.get(HANG_HOOK)
         if hang and hang in by_donor:
             time.sleep(3600)
+        fault_gate(self.where, list(by_donor))
         for score in self._score_recovering(requests, sample) if requests else []:
-            rows[score.donor] = score_row(by_donor.get(score.donor), score) | self.identity.get(score.donor, {})
+            rows[score.donor] = set_fields(result_row(by_donor.get(score.donor), score),
+                                           **self.identity.get(score.donor, {}))
         out = [rows[BASE if t is None else t.entry.donor] for t in tasks]
         for row, task in zip(out, tasks):
             row["placement"] = {**self.where, "source": "hub" if task and task.entry.is_hub else "path"}

@@ -20,11 +20,12 @@ from typing import Any
 import torch
 
 from engine.core.losses import chunk_by_tokens, completion_head, left_pad, model_inputs
-from actors.scorer import DonorScorer, ScoreTask, score_row
-from actors.backends.base import BASE, DonorScore
+from actors.scorer import DonorScorer, ScoreTask, result_row
+from actors.backends.base import DonorScore
 from engine.core.adapter import Adapter, open_adapter
 from engine.core.data import EncodedSample
 from engine.core.errors import DonorError
+from engine.core.scores import BASE_ROW as BASE, SCREEN, set_fields
 
 UNSCREENABLE = "unscreenable"  # a screen row's status: the donor goes to exact scoring
 
@@ -174,9 +175,9 @@ class ScreeningScorer(DonorScorer):
         for task in tasks:
             t0 = time.perf_counter()
             if task is None:
-                row = score_row(None, DonorScore(BASE, grad.loss * grad.n_tokens, 0, grad.n_tokens, grad.n_examples))
-                row.update(token_accuracy=math.nan, alignment=0.0)
-                out.append(row | {"kind": "screen", "placement": {**self.where, "source": "path"}})
+                row = result_row(None, DonorScore(BASE, grad.loss * grad.n_tokens, 0, grad.n_tokens, grad.n_examples))
+                set_fields(row, token_accuracy=math.nan, alignment=0.0, kind=SCREEN)
+                out.append(row | {"placement": {**self.where, "source": "path"}})
                 continue
             try:
                 request, scored = self._prepare(task, fetched)
@@ -184,18 +185,17 @@ class ScreeningScorer(DonorScorer):
                 adapter = open_adapter(task.entry.donor, request.path)
                 reason = grad.unscreenable(adapter)
                 if reason is not None:
-                    row = score_row(scored, DonorScore(task.entry.donor, error=reason))
-                    row["status"] = UNSCREENABLE
+                    row = set_fields(result_row(scored, DonorScore(task.entry.donor, error=reason)), status=UNSCREENABLE)
                 else:
                     p = grad.predict(adapter)
-                    row = score_row(scored, DonorScore(task.entry.donor, p.loss * grad.n_tokens, 0, grad.n_tokens,
-                                                       grad.n_examples))
-                    row.update(token_accuracy=math.nan, alignment=p.alignment)
+                    row = result_row(scored, DonorScore(task.entry.donor, p.loss * grad.n_tokens, 0, grad.n_tokens,
+                                                        grad.n_examples))
+                    set_fields(row, token_accuracy=math.nan, alignment=p.alignment)
             except DonorError as exc:
-                row = score_row(task, DonorScore(task.entry.donor, error=exc.reason))
+                row = result_row(task, DonorScore(task.entry.donor, error=exc.reason))
             except Exception as exc:  # noqa: BLE001 - one donor's bad tensors must not fail its batch
-                row = score_row(task, DonorScore(task.entry.donor, error=f"screen failed: {type(exc).__name__}: {exc}"))
-            row.update(self.identity.get(task.entry.donor, {}), seconds=time.perf_counter() - t0, kind="screen")
+                row = result_row(task, DonorScore(task.entry.donor, error=f"screen failed: {type(exc).__name__}: {exc}"))
+            set_fields(row, **self.identity.get(task.entry.donor, {}), seconds=time.perf_counter() - t0, kind=SCREEN)
             row["placement"] = {**self.where, "source": "hub" if task.entry.is_hub else "path"}
             out.append(row)
         return out

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.readme import add_output_options, machine, publish, rendered_only
+from engine.core.scores import BASE_ROW
 
 RESULTS = Path("bench/results/cascade_grid.json")
 README_BLOCK = "bench-cascade-grid"
@@ -38,16 +39,16 @@ MIN_Z, MIN_FIRST_SLICE = 1.0, 4
 
 def prefix_stats(out: Path) -> dict[int, dict[str, Any]]:
     """{prefix size: {donor: RoundStats}} from a keep-everyone cascade's store (exact ok rows, the base left out)."""
-    from engine.scoring.cascade import PARTIAL, RoundStats
+    from engine.scoring.cascade import PARTIAL, RoundStats, prefix_size
     from engine.scoring.store import read_scores
 
     df = read_scores(out)
-    df = df[(df.status == "ok") & (df.kind == "exact") & (df.donor != "__base__")]
+    df = df[(df.status == "ok") & (df.kind == "exact") & (df.donor != BASE_ROW)]
     total = int(df[~df.sample_id.str.contains(PARTIAL, regex=False)].n_examples.max())
     by_n: dict[int, dict[str, Any]] = {}
     for row in df.to_dict("records"):
         sid = row["sample_id"]
-        n = int(sid.rsplit(PARTIAL, 1)[1]) if PARTIAL in sid else total
+        n = prefix_size(sid) or total
         by_n.setdefault(n, {})[row["donor"]] = RoundStats.from_row(row)
     return by_n
 

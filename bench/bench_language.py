@@ -44,12 +44,14 @@ def summarize(results: dict, world: dict, command: str, seconds: dict[str, float
         "baseline": results["baseline"], "rows": results["rows"], "picks": picks,
         "related_picked": {arm: sorted(set(p) & related) for arm, p in picks.items()},
         "beats_baseline_heldout": helped, "seconds": seconds,
+        "chat_template": results.get("encoding", {}).get("chat_template", True),  # older results: the configs set it
     }
 
 
 def render(summary: dict) -> str:
     lines = [f"Measured {summary['date']} on {summary['machine']} with `{summary['command']}`.", "",
-             f"Target `{summary['target']}` on held-out capitals; model {summary['model']}; chat template on.", "",
+             f"Target `{summary['target']}` on held-out capitals; model {summary['model']}; "
+             f"chat template {'on' if summary.get('chat_template', True) else 'off'}.", "",
              "| arm | donors picked | related picked | val step-0 | val final | held-out accuracy |",
              "|---|---|---|---|---|---|"]
     for r in summary["rows"]:
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     results = json.loads((cfg.out / "results.json").read_text())
     world = json.loads((world_dir / "world.json").read_text())
     command = f"python -m bench.bench_language --scale {args.scale}"
-    run_seconds = sum(json.loads((cfg.out / "timings.json").read_text()).values())  # over resumed attempts
+    run_seconds = sum(json.loads((cfg.out / "timings.json").read_text()).values())  # the work behind the results
     summary = summarize(results, world, command, {"world": world.get("build_seconds", t1 - t0), "run": run_seconds})
     out = RESULTS if args.scale == "cpu" else RESULTS.with_name(f"language_{args.scale}.json")
     atomic_write_text(out, json.dumps(summary, indent=1, default=str))

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from engine.core.config import StrictModel, apply_overrides, validate
 from engine.core.errors import ConfigError
@@ -50,6 +50,14 @@ class MwaBenchConfig(StrictModel):
     results: Path = Path("bench/results/mwa.json")
     readme: bool = False
     readme_block: str = Field(README_BLOCK, description="the README block this run's table replaces")
+
+    @field_validator("finetune")
+    @classmethod
+    def _one_prompt_format(cls, v: dict[str, Any]) -> dict[str, Any]:
+        """Training and the checkpoint evaluations must encode rows alike: the format is the top-level key only."""
+        if "chat_template" in v:
+            raise ValueError("chat_template: set the prompt format once, as the top-level `chat_template` key")
+        return v
 
     @property
     def world_path(self) -> Path:

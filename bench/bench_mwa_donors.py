@@ -165,14 +165,15 @@ def run_config(cfg: MwaDonorsConfig, pool: str, manifest: Path):
         "train": task / "train.jsonl", "val": task / "val.jsonl", "eval": task / "eval.jsonl",
         "score": {**recipe.get("score", {}), **cfg.score}, "select": recipe.get("select", {"k": 2}),
         "merge": recipe.get("merge", {}), "finetune": {**recipe.get("finetune", {}), **cfg.finetune, "progress": False},
-        "arms": [a.model_dump() for a in arms], "baseline": "mashup",
+        "arms": [a.model_dump() for a in arms], "baseline": "mashup", "chat_template": recipe.get("chat_template", False),
         "sweep": {"lrs": [cfg.lr], "seeds": cfg.seeds}}, f"pool {pool}")
 
 
 def measure_pool(rc) -> dict[str, Any]:
     """What the report needs from one pool's finished `mashup run`: arms, per-seed held-out, picks, full ranking."""
-    from engine.report import collect
-    from engine.selection import BASE_ROW, full_sample_rows, read_score_rows
+    from engine.core.scores import BASE_ROW
+    from engine.report import collect, run_scope
+    from engine.selection import full_sample_rows, read_score_rows
 
     data = collect(rc)
     arms = {}
@@ -182,7 +183,7 @@ def measure_pool(rc) -> dict[str, Any]:
                     for s in rc.sweep.seeds]
         arms[row["arm"]] = {k: row[k] for k in ("lr", "step0", "final", "final_std", "final_loss", "heldout",
                                                 "heldout_std")} | {"heldout_per_seed": per_seed}
-    scores, _ = full_sample_rows(read_score_rows(rc.out / "score" / "scores.parquet"))
+    scores, _ = full_sample_rows(read_score_rows(rc.out / "score" / "scores.parquet"), rc.out / "score", run_scope(rc))
     ok = scores[(scores["status"] == "ok") & (scores["donor"] != BASE_ROW)]
     ranking = ok.groupby("donor")["loss"].mean().sort_values()
     base = scores.loc[scores["donor"] == BASE_ROW, "loss"]
@@ -194,7 +195,7 @@ def measure_pool(rc) -> dict[str, Any]:
 
 def run_bench(cfg: MwaDonorsConfig, command: str = "python -m bench.bench_mwa_donors --readme") -> Path:
     """Donors → pools → one `mashup run` per pool → summary; returns the JSON path."""
-    from engine.ray_utils import ensure_ray
+    from engine.core.ray_utils import ensure_ray
     from engine.run import run as mashup_run
 
     t0 = time.perf_counter()

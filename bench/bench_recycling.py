@@ -157,7 +157,7 @@ def _trial_dirname(trial) -> str:
 def run_bench(cfg: BenchConfig) -> Path:
     """World → per-target prepare → Tune trials → per-target reports → the cross-target summary; returns its path."""
     from bench.recycling_report import write_summary
-    from engine.ray_utils import ensure_ray
+    from engine.core.ray_utils import ensure_ray
     from engine.report import write_report
 
     ensure_world(cfg)

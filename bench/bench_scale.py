@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from bench.scale_pool import WORLD, build_pool, sub_manifest
+from engine.core.scores import BASE_ROW
 
 RESULTS = Path("bench/results/scale.json")
 OUT = Path(".cache/scale/runs")
@@ -69,7 +70,7 @@ def job(spec: dict) -> dict:
     sampler.join()
     rows = read_scores(cfg.out)
     rss = [r for _, r in sampler.timeline]
-    donors = rows[(rows.donor != "__base__") & (rows["round"] == rows["round"].max())]
+    donors = rows[(rows.donor != BASE_ROW) & (rows["round"] == rows["round"].max())]
     stored = sorted(donors.written_at) if spec.get("profile") else []
     profile = {}
     for n in spec.get("profile", []):
@@ -97,8 +98,8 @@ def losses(out: Path) -> dict[str, float]:
     from engine.selection import full_sample_rows
     from engine.scoring.store import read_scores
 
-    rows, _ = full_sample_rows(read_scores(out))
-    rows = rows[(rows.status == "ok") & (rows.donor != "__base__")]
+    rows, _ = full_sample_rows(read_scores(out), out)
+    rows = rows[(rows.status == "ok") & (rows.donor != BASE_ROW)]
     return dict(zip(rows.donor, rows.loss.astype(float)))
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from bench.common import build_pool_world, load_sample, naive_peft_loop
+from engine.core.scores import BASE_ROW
 
 RESULTS = Path("bench/results/scoring.json")
 
@@ -37,7 +38,7 @@ def engine_run(root: Path, actors: int, donors_per_call: int) -> dict:
     seconds = time.perf_counter() - t0
     df = read_scores(out).set_index("donor")
     return {"seconds": seconds, "donors": summary.scored - 1, "actors": actors,
-            "losses": {k: float(v) for k, v in df.loss.items() if k != "__base__"}}
+            "losses": {k: float(v) for k, v in df.loss.items() if k != BASE_ROW}}
 
 
 def forward_flops(root: Path, sample) -> float:
@@ -85,7 +86,7 @@ def main() -> None:
     ap.add_argument("--donors-per-call", type=int, default=16)
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from engine.ray_utils import ensure_ray
+    from engine.core.ray_utils import ensure_ray
 
     root = build_pool_world(args.donors, args.examples, args.vocab, args.hidden, args.layers)
     sample = load_sample(root)

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine.core.scores import BASE_ROW
+
 RESULTS = Path("bench/results/screen.json")
 OUT = Path(".cache/screen/runs")
 KS = (1, 2, 4, 8)
@@ -78,7 +80,7 @@ def analyse(run: dict[str, Any], n: int | None, args) -> dict[str, Any]:
     exact = {r["donor"]: RoundStats.from_row(r) for r in full.to_dict("records") if r["donor"] in set(donors)}
     scr = rows[(rows.kind == "screen") & (rows.sample_id == sid) & (rows.status == "ok") & rows.donor.isin(donors)]
     pred, align = dict(zip(scr.donor, scr.loss)), dict(zip(scr.donor, scr.alignment))
-    probe = ok_stats(store, prefix_id(sid, args.probe, rec["examples"]), 0, donors)
+    probe = ok_stats(store, prefix_id(sid, args.probe, rec["examples"], rec.get("seed", 0)), 0, donors)
     unseen = [d for d in donors if d not in pred]
     loss = {d: s.loss for d, s in exact.items()}
     ranked = sorted(loss, key=lambda d: (loss[d], d))
@@ -159,7 +161,7 @@ def timings(run: dict[str, Any], args) -> None:
     per = {}
     for name, mask in (("screen", rows.kind == "screen"), ("probe", (rows.kind == "exact") & (rows.sample_id == probe_sid)),
                        ("exact", (rows.kind == "exact") & (rows.sample_id == sid) & (rows["round"] == 0)
-                        & (rows.donor != "__base__"))):
+                        & (rows.donor != BASE_ROW))):
         sel = rows[mask & (rows.status == "ok")]
         per[name] = float(sel.seconds.sum()) / max(len(sel), 1) / args.actors
     screened = rows[(rows.kind == "screen") & (rows.status == "ok")]

@@ -54,7 +54,9 @@ def examples_digest(examples: Sequence[Any]) -> str:
 
 
 class AdapterEvaluator:
-    """The base loaded once; each adapter attached, evaluated (engine.evaluate, as the finetune log does), detached."""
+    """The base loaded once; each adapter attached, evaluated (engine.evaluate, as the finetune log does), detached.
+    `chat_template` is the run's prompt format; it joins the cache key, so a cached result of the other format is
+    never reused (the plain format keeps the key it always had)."""
 
     def __init__(self, base: str | Path, chat_template: bool = False):
         import torch
@@ -76,7 +78,7 @@ class AdapterEvaluator:
 
         adapter = Path(adapter)
         key = (f"{name}:{fingerprint(adapter)[:16]}:{examples_digest(examples)[:16]}:"
-               f"{base_fingerprint(self.base_dir)[1]}")
+               f"{base_fingerprint(self.base_dir)[1]}" + (":chat_template" if self.chat_template else ""))
         cache_path = adapter / EVALS_FILE
         cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
         if key in cache:
@@ -98,10 +100,17 @@ def merge_run(run_dir: Path, spec: CheckpointMergeSpec) -> Path:
     return merge_checkpoints(run_dir, run_dir / MERGE_DIR, spec.metric, spec.penalty, spec.method)
 
 
-def merge_finished_runs(cfg) -> int:
-    """Merge the checkpoints of every finished run of every checkpoint-merge arm; returns how many runs."""
+def merge_finished_runs(cfg) -> dict[str, float]:
+    """Merge the checkpoints of every finished run of every checkpoint-merge arm. Returns the seconds of each merge
+    that was written (`<arm>/<run name>`), so the run records the cost of what it holds, not of a cache hit."""
+    import time
 
-    n = 0
+    from engine.merge.streaming import MERGE_INFO_FILE
+
+    def key(info: Path) -> str | None:
+        return json.loads(info.read_text()).get("key") if info.exists() else None
+
+    written = {}
     for arm in cfg.arms:
         if arm.checkpoint_merge is None:
             continue
@@ -109,9 +118,12 @@ def merge_finished_runs(cfg) -> int:
             for seed in cfg.sweep.seeds:
                 run_dir = cfg.run_dir(arm, lr, seed)
                 if (run_dir / "log.parquet").exists():
+                    info = run_dir / MERGE_DIR / MERGE_INFO_FILE
+                    before, t0 = key(info), time.perf_counter()
                     merge_run(run_dir, arm.checkpoint_merge)
-                    n += 1
-    return n
+                    if before is None or key(info) != before:  # a reused merge keeps its key
+                        written[f"{arm.name}/{run_dir.name}"] = time.perf_counter() - t0
+    return written
 
 
 def report_rows(cfg, arms: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -130,7 +142,7 @@ def report_rows(cfg, arms: dict[str, Any], rows: list[dict[str, Any]]) -> list[d
         val, val_loss, held, held_final = [], [], [], []
         for seed in runs.curves:
             ft = cfg.finetune_config(arm, runs.lr, seed)
-            evaluator = evaluator or AdapterEvaluator(cfg.base, ft.chat_template)
+            evaluator = evaluator or AdapterEvaluator(cfg.base, cfg.chat_template)
             run_dir = cfg.run_dir(arm, runs.lr, seed)
             merged = merge_run(run_dir, arm.checkpoint_merge)
             if ft.eval:

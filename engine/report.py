@@ -13,15 +13,18 @@ from typing import Any
 
 from engine.analysis import ArmRuns, best_lr, load_runs, mean_std, parity_step, seconds_at
 from engine.core.atomic import atomic_write_text
+from engine.core.scores import BASE_ROW
 
 
 def _final_eval(cfg, run_dir: Path) -> dict[str, Any]:
-    """Held-out evaluation of a finished run's adapter, cached beside it under a key of the adapter's content,
-    the eval file's bytes and the base's fingerprint: a retrained run or an edited eval file is evaluated again."""
+    """Held-out evaluation of a finished run's adapter in the run's prompt format, cached beside it under a key of
+    the adapter's content, the eval file's bytes, the base's fingerprint and the format (the plain format adds
+    nothing, so older caches stay valid): a retrained run, an edited eval file or another format is evaluated again."""
     from engine.core.adapter import fingerprint, sha256_file
     from engine.core.identity import base_fingerprint, key_of
 
-    key = key_of([fingerprint(run_dir / "adapter"), sha256_file(cfg.eval), base_fingerprint(cfg.base)[1]])
+    parts = [fingerprint(run_dir / "adapter"), sha256_file(cfg.eval), base_fingerprint(cfg.base)[1]]
+    key = key_of(parts + (["chat_template"] if cfg.chat_template else []))
     cache = run_dir / "final_eval.json"
     if cache.exists():
         cached = json.loads(cache.read_text())
@@ -34,14 +37,10 @@ def _final_eval(cfg, run_dir: Path) -> dict[str, Any]:
     from engine.core.data import load_jsonl
     from engine.evaluate import evaluate
 
-    from engine.finetune.outputs import INFO_FILE
-
-    info = run_dir / "adapter" / INFO_FILE
-    ft = json.loads(info.read_text()).get("config", {}) if info.exists() else {}
     tok = AutoTokenizer.from_pretrained(cfg.base)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.base, dtype=torch.float32, use_safetensors=True),
                                       str(run_dir / "adapter"))
-    result = evaluate(model, tok, load_jsonl(cfg.eval), chat_template=bool(ft.get("chat_template", False))).summary()
+    result = evaluate(model, tok, load_jsonl(cfg.eval), chat_template=cfg.chat_template).summary()
     atomic_write_text(cache, json.dumps({"key": key, "result": result}))
     return result
 
@@ -67,8 +66,24 @@ def _merge_overhead(timings: dict[str, float], cfg, spec) -> float:
     return sum(spent) / len(spent)
 
 
+RECYCLED, NULL_CONTROL, NO_DONORS = "recycled", "null control", "no donors"
+
+
+def arm_role(cfg, spec) -> str:
+    """What an arm can show: `recycled` (trained from a merge of the selected donors), `null control` (a merge
+    with the donors' scale and none of their directions, e.g. random-norm) or `no donors` (init: none). Only a
+    recycled arm can be credited with a gain from recycling."""
+    from engine.merge.registry import NULL_CONTROLS
+
+    if spec.init != "merge":
+        return NO_DONORS
+    return NULL_CONTROL if cfg.merge_config(spec, cfg.draw_seeds(spec)[0]).method in NULL_CONTROLS else RECYCLED
+
+
 def collect(cfg) -> dict[str, Any]:
-    from engine.scoring.store import read_scores
+    """Every number of the report (and results.json) from the run's folder: per arm at its best LR, the
+    curves' finals, parity against the baseline, wall-clock, held-out scores, plus the run's encoding."""
+    from engine.core.scores import read_scores
 
     arms: dict[str, ArmRuns] = {}
     for arm in cfg.arms:
@@ -87,7 +102,7 @@ def collect(cfg) -> dict[str, Any]:
         overhead = timings.get("score", 0.0) + _merge_overhead(timings, cfg, spec) if spec.init == "merge" else 0.0
         final_m, final_s = mean_std(runs.final(metric))
         row = {
-            "arm": spec.name, "init": spec.init, "lr": runs.lr, "seeds": len(runs.curves),
+            "arm": spec.name, "init": spec.init, "role": arm_role(cfg, spec), "lr": runs.lr, "seeds": len(runs.curves),
             "metric": metric, "step0": float(curve[(metric, "mean")].iloc[0]),
             "final": final_m, "final_std": final_s, "final_loss": mean_std(runs.final("loss"))[0],
             "steps": int(curve.index.max()), "parity_step": step,
@@ -111,7 +126,14 @@ def collect(cfg) -> dict[str, Any]:
     from engine.checkpoint_arm import report_rows
 
     return {"metric": metric, "baseline": cfg.baseline, "target": target, "rows": rows, "timings": timings,
-            "selections": selections, "arms": arms, "scores": scores, "checkpoint_merge": report_rows(cfg, arms, rows)}
+            "encoding": {**cfg.encoding(), "score_sample": _ranked_sample(cfg)}, "selections": selections,
+            "arms": arms, "scores": scores, "checkpoint_merge": report_rows(cfg, arms, rows)}
+
+
+def _ranked_sample(cfg) -> str | None:
+    """The sample id the donors were ranked on (its token ids carry the prompt format), as the run recorded it."""
+    scope = run_scope(cfg)
+    return None if scope is None else scope.sample_id
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -149,22 +171,48 @@ def plot(data: dict[str, Any], folder: Path) -> list[Path]:
 
 
 def verdict(data: dict[str, Any]) -> list[str]:
-    base = next(r for r in data["rows"] if r["arm"] == data["baseline"])
+    """One line per arm against the baseline, from the table's numbers. Only a recycled arm is ever credited
+    ("recycling helped"): an init-none arm has no donors, and a null control (the merge's scale, none of the donors'
+    directions) that also reaches parity means a recycled arm's gain may not come from the donors at all."""
+    rows, baseline, metric = data["rows"], data["baseline"], data["metric"]
+    base = next(r for r in rows if r["arm"] == baseline)
+    nulls = [r for r in rows if r.get("role") == NULL_CONTROL and r["arm"] != baseline and r["parity_step"] is not None]
+    caution = (f"the null control{'s' if len(nulls) > 1 else ''} {', '.join(r['arm'] for r in nulls)} also "
+               f"reach{'' if len(nulls) > 1 else 'es'} parity: the gain may not come from the donors' directions")
+    sign, unit = (100.0, "pp") if metric == "accuracy" else (1.0, "nats")
     lines = []
-    for r in data["rows"]:
-        if r["arm"] == data["baseline"]:
+    for r in rows:
+        if r["arm"] == baseline:
             continue
         delta = r["final"] - base["final"]
-        sign = 100.0 if data["metric"] == "accuracy" else 1.0
-        gain = delta if data["metric"] == "accuracy" else -delta
-        reached = (f"reached {data['baseline']}'s final {data['metric']} at step {r['parity_step']} "
+        gain = delta if metric == "accuracy" else -delta
+        reached = (f"reached {baseline}'s final {metric} at step {r['parity_step']} "
                    f"({r['parity_pct']:.0f}% of the budget)") if r["parity_step"] is not None else (
-                   f"never reached {data['baseline']}'s final {data['metric']}")
-        helped = "helped" if gain > 0 and r["parity_step"] is not None and r["parity_step"] < base["steps"] else "did not help"
-        unit = "pp" if data["metric"] == "accuracy" else "nats"
-        lines.append(f"- **{r['arm']}: recycling {helped}.** It {reached}, and ended {delta * sign:+.2f} {unit} "
-                     f"against {data['baseline']} (final {_fmt(r['final'])} vs {_fmt(base['final'])}).")
+                   f"never reached {baseline}'s final {metric}")
+        beats = gain > 0 and r["parity_step"] is not None and r["parity_step"] < base["steps"]
+        role = r.get("role", RECYCLED)
+        if role == NO_DONORS:
+            head, note = "no donors (init: none), not a recycling arm", ""
+        elif role == NULL_CONTROL:
+            head = "null control" + (", reaches parity" if r["parity_step"] is not None else ", does not reach parity")
+            note = f" {caution[0].upper()}{caution[1:]}." if r in nulls else ""
+        elif not beats:
+            head, note = "recycling did not help", ""
+        elif nulls:
+            head, note = f"beat {baseline}, but not shown to be recycling", f" However, {caution}{_versus(r, nulls, metric)}."
+        else:
+            head, note = "recycling helped", ""
+        lines.append(f"- **{r['arm']}: {head}.** It {reached}, and ended {delta * sign:+.2f} {unit} "
+                     f"against {baseline} (final {_fmt(r['final'])} vs {_fmt(base['final'])}).{note}")
     return lines
+
+
+def _versus(arm: dict[str, Any], nulls: list[dict[str, Any]], metric: str) -> str:
+    """How a recycled arm's final compares with each null control's, so a reader sees the margin over scale alone."""
+    from engine.analysis import better
+
+    return "".join(f"; {arm['arm']} ends {'ahead of' if better(metric, arm['final'], n['final']) else 'not ahead of'} "
+                   f"{n['arm']} ({_fmt(arm['final'])} vs {_fmt(n['final'])})" for n in nulls)
 
 
 def ranking_table(donors, top: int = 12) -> list[str]:
@@ -183,20 +231,34 @@ def ranking_table(donors, top: int = 12) -> list[str]:
     return lines + [""]
 
 
+def run_scope(cfg):
+    """The scope (sample and pool) this run scored, as `engine.run.prepare` recorded it; None for a run that scored
+    nothing (then there is no scoring section)."""
+    from engine.core.pools import resolve_scope
+
+    path = cfg.out / "scope.json"
+    if not path.exists():
+        return None
+    scope = json.loads(path.read_text())
+    return resolve_scope(cfg.out / "score", [], scope.get("sample"), scope.get("pool"))
+
+
 def render(cfg, data: dict[str, Any], plots: list[Path]) -> str:
     m = data["metric"]
+    fmt = "the tokenizer's chat template" if cfg.chat_template else "plain (no chat template)"
     out = [f"# mashup run report", "", f"*{time.strftime('%Y-%m-%d %H:%M')}* — base `{cfg.base}`, task `{cfg.train}`, "
-           f"validation `{cfg.val}`, held-out `{cfg.eval}`.", "", "## Verdict", "", *verdict(data), ""]
+           f"validation `{cfg.val}`, held-out `{cfg.eval}`. Prompt format: {fmt}, one for scoring, training and "
+           "every evaluation.", "", "## Verdict", "", *verdict(data), ""]
     scores = data["scores"]
-    if scores is not None and len(scores):
+    if scores is not None and len(scores) and (cfg.out / "scope.json").exists():
         from engine.selection import full_sample_rows
 
-        ok = full_sample_rows(scores)[0]
-        ok = ok[ok.status == "ok"]
-        base = ok[ok.donor == "__base__"]
-        out += ["## Scoring", "", f"{len(ok) - len(base)} donors scored, {int((scores.status == 'failed').sum())} failed; "
+        full = full_sample_rows(scores, cfg.out / "score", run_scope(cfg))[0]
+        ok = full[full.status == "ok"]
+        base = ok[ok.donor == BASE_ROW]
+        out += ["## Scoring", "", f"{len(ok) - len(base)} donors scored, {int((full.status == 'failed').sum())} failed; "
                 f"base loss {_fmt(float(base.loss.iloc[0]) if len(base) else None)} nats/token.", ""]
-        out += ranking_table(ok[ok.donor != "__base__"])
+        out += ranking_table(ok[ok.donor != BASE_ROW])
     for arm, sel in data["selections"].items():
         out += [f"### Selected for `{arm}` ({sel['strategy']} by {sel.get('metric', 'loss')}, k={sel['k']}, "
                 f"{sel['weighting']})", "",

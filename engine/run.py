@@ -15,21 +15,56 @@ from pathlib import Path
 from engine.core.atomic import atomic_write_text
 from engine.run_config import Arms, ArmSpec, RunConfig, RunPlan, SweepSpec, run_name
 
-__all__ = ["Arms", "ArmSpec", "RunConfig", "RunPlan", "SweepSpec", "finetune_one", "finished_run", "pending_runs", "prepare", "run",
-           "run_name"]
+__all__ = ["Arms", "ArmSpec", "RunConfig", "RunPlan", "SweepSpec", "Timings", "finetune_one", "finished_run", "pending_runs",
+           "prepare", "run", "run_name", "stage_names"]
 
 log = logging.getLogger("mashup.run")
+SCOPE_FILE = "scope.json"  # the sample and pool this run scored: what its selections and report read
 
 
 class Timings:
-    """Wall-clock per stage, persisted so a resumed run still reports what earlier attempts spent."""
+    """Seconds per stage of the work that produced the run's current results (timings.json: stage → seconds), so
+    a resumed or rerun run reports what its results cost, not what every attempt spent. A cached stage records
+    nothing; a redone stage replaces its entry (`set`). Scoring is kept per sample (timings_keys.json: stage → {key:
+    seconds}): scoring resumed on the same sample adds the resumed part, and a run that goes back to a sample it
+    scored before reports what that sample cost (`use`)."""
 
     def __init__(self, path: Path):
-        self.path = path
+        self.path, self.keys_path = path, path.with_name("timings_keys.json")
         self.data: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+        keys = json.loads(self.keys_path.read_text()) if self.keys_path.exists() else {}
+        self.keys: dict[str, dict[str, float]] = {k: v for k, v in keys.items() if isinstance(v, dict)}
 
-    def add(self, key: str, seconds: float) -> None:
-        self.data[key] = self.data.get(key, 0.0) + seconds
+    def set(self, stage: str, seconds: float) -> None:
+        """The stage was redone from scratch: its seconds are the whole cost of what it holds now."""
+        self.data[stage] = seconds
+        self.keys.pop(stage, None)
+        self._write()
+
+    def add(self, stage: str, seconds: float, key: str) -> None:
+        """More work towards the result `key` names (e.g. scoring resumed on the same sample): added to what was
+        recorded for that key, which becomes the stage's entry."""
+        per = self.keys.setdefault(stage, {})
+        per[key] = per.get(key, 0.0) + seconds
+        self.data[stage] = per[key]
+        self._write()
+
+    def use(self, stage: str, key: str) -> None:
+        """The stage's result `key` was reused whole (nothing recomputed): report what it cost when it was made."""
+        recorded = self.keys.get(stage, {}).get(key)
+        if recorded is not None and self.data.get(stage) != recorded:
+            self.data[stage] = recorded
+            self._write()
+
+    def keep(self, stages: set[str]) -> None:
+        """Drop the entries of stages the run no longer has (an arm, LR or seed removed): not the current results'."""
+        if set(self.data) - stages:
+            self.data = {k: v for k, v in self.data.items() if k in stages}
+            self.keys = {k: v for k, v in self.keys.items() if k in stages}
+            self._write()
+
+    def _write(self) -> None:
+        atomic_write_text(self.keys_path, json.dumps(self.keys, indent=1))
         atomic_write_text(self.path, json.dumps(self.data, indent=1))
 
 
@@ -77,22 +112,42 @@ def prepare(cfg: RunConfig) -> Timings:
     cfg.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg.out / "config.json", cfg.model_dump_json(indent=1))
     timings = Timings(cfg.out / "timings.json")
+    scope_file = cfg.out / SCOPE_FILE
+    scope: dict[str, str | None] = {}
     if any(a.init == "merge" for a in cfg.arms):
         t0 = time.perf_counter()
         summary = score(cfg.score_config())
-        timings.add("score", time.perf_counter() - t0)
+        if summary.scored or summary.failed:  # rows were written: work towards this sample's scores
+            timings.add("score", time.perf_counter() - t0, summary.sample_id)
+        else:
+            timings.use("score", summary.sample_id)
         log.info("scoring: %d scored, %d failed, %d already done", summary.scored, summary.failed, summary.skipped_done)
+        # Every arm ranks this call's pool on this call's sample, never other rows the folder holds.
+        scope = {"sample": summary.sample_id, "pool": summary.pool}
+        atomic_write_text(scope_file, json.dumps(scope, indent=1) + "\n")
+    else:
+        scope_file.unlink(missing_ok=True)
     for arm in cfg.arms:
         if arm.init != "merge":
             continue
         for seed in cfg.draw_seeds(arm):
             t0 = time.perf_counter()
-            select_with_config(cfg.select_config(arm, seed))
+            select_with_config(cfg.select_config(arm, seed).model_copy(update=scope))
             merge_cfg = cfg.merge_config(arm, seed)
             if not _merge_is_current(cfg.merge_home(arm, seed), merge_cfg):
                 merge_with_config(merge_cfg)
-            timings.add(cfg.merge_timing_key(arm.name, seed), time.perf_counter() - t0)
+                timings.set(cfg.merge_timing_key(arm.name, seed), time.perf_counter() - t0)
     return timings
+
+
+def stage_names(cfg: RunConfig) -> set[str]:
+    """Every timings.json entry the run's current results can have."""
+    names = {f"finetune:{arm.name}/{run_name(lr, seed)}" for arm in cfg.arms for lr in cfg.lrs() for seed in cfg.sweep.seeds}
+    names |= {f"checkpoint_merge:{arm.name}/{run_name(lr, seed)}" for arm in cfg.arms if arm.checkpoint_merge
+              for lr in cfg.lrs() for seed in cfg.sweep.seeds}
+    merged = [arm for arm in cfg.arms if arm.init == "merge"]
+    names |= {cfg.merge_timing_key(arm.name, seed) for arm in merged for seed in cfg.draw_seeds(arm)}
+    return names | ({"score"} if merged else set())
 
 
 def pending_runs(cfg: RunConfig) -> list[tuple[ArmSpec, float | None, int]]:
@@ -124,11 +179,11 @@ def run(cfg: RunConfig) -> Path:
     for arm, lr, seed in pending_runs(cfg):
         t0 = time.perf_counter()
         finetune_one(cfg, arm, lr, seed)
-        timings.add(f"finetune:{arm.name}/{run_name(lr, seed)}", time.perf_counter() - t0)
+        timings.set(f"finetune:{arm.name}/{run_name(lr, seed)}", time.perf_counter() - t0)
     if any(a.checkpoint_merge is not None for a in cfg.arms):
         from engine.checkpoint_arm import merge_finished_runs
 
-        t0 = time.perf_counter()
-        merge_finished_runs(cfg)
-        timings.add("checkpoint_merge", time.perf_counter() - t0)
+        for run, seconds in merge_finished_runs(cfg).items():
+            timings.set(f"checkpoint_merge:{run}", seconds)
+    timings.keep(stage_names(cfg))
     return write_report(cfg)

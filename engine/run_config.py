@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, field_serializer
+from pydantic import AfterValidator, BaseModel, Field, field_serializer, model_validator
 
 from engine.checkpoint_arm import CheckpointMergeSpec
 from engine.core.config import StrictModel, format_validation_error
@@ -69,6 +69,23 @@ class RunPlan(StrictModel):
     match_scratch_rank: bool = Field(False, description="re-factor every merged arm (SVD of its ΔW) to finetune.lora's "
                                                         "r and alpha, so every arm trains as many parameters at the "
                                                         "same scale as a fresh LoRA")
+    chat_template: bool = Field(False, description="wrap every prompt in the base tokenizer's chat template (instruct "
+                                                   "bases): the one prompt format of the run, used to score the donors, "
+                                                   "train, draw the validation curves and evaluate")
+
+    @model_validator(mode="after")
+    def _one_prompt_format(self) -> "RunPlan":
+        """Donors ranked on one prompt format and trained or evaluated on another would compare nothing: the
+        encoding is a run-level setting, so a stage section may not set it."""
+        for section in ("score", "finetune"):
+            if "chat_template" in getattr(self, section).model_fields_set:
+                raise ValueError(f"{section}.chat_template: set the prompt format once for the whole run, as the "
+                                 "top-level `chat_template:` key (scoring, finetuning and evaluation encode alike)")
+        return self
+
+    def encoding(self) -> dict[str, Any]:
+        """How the run encodes every row (engine.core.data.encode_example's options), as recorded in its results."""
+        return {"chat_template": self.chat_template}
 
     @field_serializer("score", "select", "merge", "finetune")
     def _sections_as_given(self, section: BaseModel) -> dict[str, Any]:
@@ -104,7 +121,7 @@ class RunConfig(RunPlan):
 
     def score_config(self):
         return self.stage("score", ScoreConfig, {"base": self.base, "donors": self.donors, "data": self.train,
-                                                 "out": self.out / "score"})
+                                                 "out": self.out / "score", **self.encoding()})
 
     def select_config(self, arm: ArmSpec, seed: int | None = None):
         """A random-k arm draws again for each run seed: its select seed plus the run seed."""
@@ -141,7 +158,7 @@ class RunConfig(RunPlan):
     def finetune_config(self, arm: ArmSpec, lr: float | None, seed: int):
         fixed = {"base": self.base, "data": str(self.train), "eval": str(self.val) if self.val else None,
                  "init": str(self.merge_home(arm, seed) / "merged") if arm.init == "merge" else None, "seed": seed,
-                 "out": str(self.run_dir(arm, lr, seed))}
+                 "out": str(self.run_dir(arm, lr, seed)), **self.encoding()}
         if lr is not None:
             fixed["lr"] = lr
         if arm.checkpoint_merge is not None and arm.checkpoint_merge.save_every:
@@ -187,13 +204,15 @@ class RunConfig(RunPlan):
 
     @staticmethod
     def _check_cascade(score, arm: ArmSpec, select) -> None:
-        """A cascade leaves full-sample losses for its survivors only: say so before scoring, not after."""
-        if score.strategy != "cascade":
+        """A cascade or a screen leaves full-sample losses for its survivors only: an ablation that needs every
+        donor's loss (random-k, worst-k, all) would draw from the survivors, so say so before scoring, not after."""
+        if score.strategy == "exhaustive":
             return
         if select.strategy != "top-k":
-            raise ConfigError(f"arms.{arm.name}: strategy {select.strategy!r} needs every donor's full-sample loss; "
+            raise ConfigError(f"arms.{arm.name}: strategy {select.strategy!r} needs every donor's full-sample loss, "
+                              f"but score.strategy {score.strategy!r} scores only its survivors on the full sample; "
                               "use score.strategy: exhaustive for ablations")
-        if select.k > score.cascade.min_survivors:
+        if score.strategy == "cascade" and select.k > score.cascade.min_survivors:
             raise ConfigError(f"arms.{arm.name}: select.k ({select.k}) exceeds score.cascade.min_survivors "
                               f"({score.cascade.min_survivors}); the cascade would not keep enough donors")
 
@@ -206,11 +225,14 @@ class RunConfig(RunPlan):
 
         ft = self.finetune_config(self.arms[0], self.lrs()[0], self.sweep.seeds[0])
         tokenizer = load_tokenizer(ft)
+        if self.chat_template and not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"chat_template: the base's tokenizer ({ft.base}) has no chat template; set "
+                              "chat_template: false for a base model without one")
         context = getattr(AutoConfig.from_pretrained(ft.base, trust_remote_code=ft.trust_remote_code),
                           "max_position_embeddings", None)
         load_task(ft, tokenizer, context)
         if self.eval is not None:
-            encode_sample(tokenizer, load_jsonl(self.eval), context, ft.chat_template, str(self.eval))
+            encode_sample(tokenizer, load_jsonl(self.eval), context, self.chat_template, str(self.eval))
 
 
 def run_name(lr: float | None, seed: int) -> str:

@@ -7,23 +7,23 @@ full-sample loss, which a cascade does not measure), so the other strategies are
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
-from engine.core.atomic import atomic_write_text
 from engine.core.config import StrictModel
 from engine.core.errors import ConfigError, DataError
+from engine.core.scores import BASE_ROW, full_sample_id, is_partial
+from engine.core.selection_file import (  # noqa: F401 - Selection, SelectedDonor, donor_step: re-exported
+    SelectedDonor, Selection, donor_step, finite_float as _float,
+)
 from engine.weighting import Weighting, compute_weights
 
 log = logging.getLogger(__name__)
-
-BASE_ROW = "__base__"
 Strategy = Literal["top-k", "random-k", "worst-k", "all"]
 STRATEGIES: tuple[str, ...] = ("top-k", "random-k", "worst-k", "all")
 Metric = Literal["loss", "token_accuracy"]
@@ -51,6 +51,9 @@ class SelectConfig(SelectSettings):
 
     scores: Path | None = None
     out: Path | None = None
+    sample: str | None = Field(None, description="the sample id to rank on, when the store holds several")
+    pool: str | None = Field(None, description="the pool id (or a unique prefix) to rank, as `mashup score` printed it; "
+                                               "needed when the store holds several scoring scopes")
 
     @model_validator(mode="after")
     def _options_fit_the_choices(self) -> "SelectConfig":
@@ -63,60 +66,9 @@ class SelectConfig(SelectSettings):
         return self
 
 
-class SelectedDonor(StrictModel):
-    """One donor from its score row to the merge: the same object is ranked, picked, weighted and written."""
-
-    donor: str
-    loss: float
-    weight: float = 0.0  # set once the picks are weighted
-    path: str | None = None
-    token_accuracy: float | None = None
-    fingerprint: str | None = None  # the content fingerprint of the files that were scored (engine.core.adapter)
-    revision: str | None = None  # the Hub commit that was scored (its path is pinned to it too)
-    step: float | None = None  # the checkpoint step from the donor's metadata, for mwa-steps
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> "SelectedDonor":
-        """A stored score row (engine.scoring.store's schema) as a candidate; missing values read as None."""
-        def text(value: object) -> str | None:
-            return value if isinstance(value, str) and value else None
-
-        return cls(donor=str(row["donor"]), loss=float(row["loss"]), token_accuracy=_float(row.get("token_accuracy")),
-                   path=text(row.get("path")), fingerprint=text(row.get("donor_sha256")),
-                   revision=text(row.get("revision")), step=donor_step(row.get("meta")))
-
-
-class Selection(StrictModel):
-    """selection.json (docs/contracts.md, "selection.json"); `path` and `token_accuracy` per donor, `metric` and
-    `temperature` are our documented extensions."""
-
-    k: int
-    strategy: str
-    metric: str = "loss"
-    weighting: str
-    penalty: float | None
-    temperature: float | None = None
-    base_loss: float | None
-    donors: list[SelectedDonor]
-
-    def write(self, path: str | Path) -> Path:
-        """Atomic, so a reader never sees half a selection."""
-        return atomic_write_text(path, json.dumps(self.model_dump(), indent=2) + "\n")
-
-    @classmethod
-    def read(cls, path: str | Path) -> "Selection":
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"selection: file not found: {p}")
-        try:
-            return cls.model_validate_json(p.read_text())
-        except ValueError as exc:
-            raise ConfigError(f"selection: {p} is not a valid selection.json ({str(exc).splitlines()[0]})") from None
-
-
 def read_score_rows(scores: str | Path):
-    """The deduplicated store rows; `engine.scoring.store.read_scores` also folds in the write-ahead journal."""
-    from engine.scoring.store import read_scores
+    """The deduplicated store rows; `engine.core.scores.read_scores` also folds in the write-ahead journal."""
+    from engine.core.scores import read_scores
 
     path = Path(scores)
     if not path.exists():
@@ -127,51 +79,51 @@ def read_score_rows(scores: str | Path):
     return rows
 
 
-def full_sample_rows(rows, source: object = "scores"):
-    """Rows measured on a whole sample, and the donors a cascade stopped early (ok on a partial slice only).
+def full_sample_rows(rows, source: object = "scores", scope=None):
+    """The rows of one scope measured on its whole sample, and the pool's donors that have no such row but were
+    scored on a cascade's partial slice or only screened (stopped early: ranked by nobody).
 
-    A cascade's partial-slice rows (`sample_id` "<sample>@<n>") are never ranked: their losses cover fewer
-    examples than the full-sample rows. A cascade whose last round is unfinished has no full-sample base row yet.
+    `scope` (engine.core.pools.Scope) names the sample and the pool's donors; None resolves it from the folder
+    `source` (its recorded pools), refusing to guess between several. A cascade's partial-slice rows
+    (`sample_id` "<sample>@<n>…") are never ranked: their losses cover fewer examples than the full-sample rows.
     """
-    from engine.scoring.cascade import is_partial
-    from engine.scoring.store import exact_rows
+    from engine.core.scores import exact_rows
 
-    rows = exact_rows(rows, source)
+    scope = scope or scope_of(rows, source)
     partial = rows["sample_id"].map(is_partial).astype(bool)
+    mine = rows["sample_id"].map(lambda s: isinstance(s, str) and full_sample_id(s) == scope.sample_id).astype(bool)
+    if scope.donors is not None:
+        mine &= rows["donor"].isin(scope.donors | {BASE_ROW})
+    rows, partial = rows[mine], partial[mine]
+    screened = set(rows.loc[(rows["kind"] == "screen") & (rows["donor"] != BASE_ROW), "donor"])
+    rows = exact_rows(rows, source)
+    partial = partial[rows.index]
     full = rows[~partial]
+    cascade = rows[partial]
     if full.empty:
-        raise DataError(f"{source}: the cascade has not reached the full sample yet (only partial rounds are "
-                        "recorded); rerun `mashup score` with the same config to finish it")
-    full = current_sample_rows(full)
-    sample = full["sample_id"].iloc[0]
-    cascade = rows[rows["sample_id"].map(lambda s: is_partial(s) and s.split("@")[0] == sample).astype(bool)]
+        raise DataError(f"{source}: the cascade has not reached the full sample yet for {scope.describe()} (only "
+                        "partial rounds or screening rows are recorded); rerun `mashup score` with the same config "
+                        "to finish it")
     if len(cascade) and not ((full["donor"] == BASE_ROW) & (full["status"] == "ok")).any():
         raise DataError(f"{source}: the cascade's final round is unfinished (no full-sample {BASE_ROW} row yet); "
                         "rerun `mashup score` with the same config to finish it")
-    stopped = set(cascade.loc[cascade["status"] == "ok", "donor"]) - set(full.loc[full["status"] == "ok", "donor"])
+    full_ok = set(full.loc[full["status"] == "ok", "donor"])
+    stopped = (set(cascade.loc[cascade["status"] == "ok", "donor"]) | screened) - full_ok - {BASE_ROW}
     return full, stopped
 
 
-def current_sample_rows(rows):
-    """Rows of one data sample: losses measured on different samples are not comparable."""
-    if "sample_id" not in rows.columns or rows["sample_id"].nunique(dropna=False) <= 1:
-        return rows
-    base_rows = rows[rows["donor"] == BASE_ROW]
-    sample = (base_rows if len(base_rows) else rows)["sample_id"].iloc[-1]
-    log.warning("scores hold %d data samples; using %s, the sample of the latest base row",
-                rows["sample_id"].nunique(dropna=False), sample)
-    return rows[rows["sample_id"] == sample]
+def scope_of(rows, source: object, sample: str | None = None, pool: str | None = None):
+    """The scope (engine.core.pools.Scope) a reader of the store at `source` asked for: the named pool or sample,
+    else the folder's only one; several without a choice is a DataError listing them."""
+    from engine.core.pools import resolve_scope
 
-
-def donor_step(meta: object) -> float | None:
-    """The checkpoint step from the manifest metadata JSON, if the donor carries one."""
-    if not isinstance(meta, str) or not meta:
-        return None
-    try:
-        step = json.loads(meta).get("step")
-    except (ValueError, AttributeError):
-        return None
-    return float(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else None
+    folder = Path(str(source))
+    folder = folder if folder.is_dir() else folder.parent
+    whole = rows[~rows["sample_id"].map(is_partial).astype(bool)]
+    exact = whole[whole["kind"].fillna("exact") == "exact"]
+    full = exact if len(exact) else whole  # a store of screen rows only: exact_rows then says so, naming it
+    samples = sorted(set(full.loc[full["donor"] == BASE_ROW, "sample_id"].dropna()) or set(full["sample_id"].dropna()))
+    return resolve_scope(folder, samples, sample, pool)
 
 
 def rank_key(metric: str):
@@ -212,10 +164,12 @@ def select_with_config(config: SelectConfig) -> Selection:
     """Config-driven selection shared by the CLI, the Python API and `mashup run`."""
     if config.scores is None:
         raise ConfigError("scores: required (path to scores.parquet or its folder)")
-    rows, stopped = full_sample_rows(read_score_rows(config.scores), config.scores)
+    stored = read_score_rows(config.scores)
+    scope = scope_of(stored, config.scores, config.sample, config.pool)
+    rows, stopped = full_sample_rows(stored, config.scores, scope)
     if stopped and config.strategy != "top-k":
-        raise DataError(f"strategy: {config.strategy} needs every donor's full-sample loss, but the cascade in "
-                        f"{config.scores} stopped {len(stopped)} donors early; use top-k, or score with "
+        raise DataError(f"strategy: {config.strategy} needs every donor's full-sample loss, but the cascade or the "
+                        f"screen in {config.scores} stopped {len(stopped)} donors early; use top-k, or score with "
                         "strategy: exhaustive")
     ok = rows[rows["status"] == "ok"].drop_duplicates(subset="donor", keep="last")
     base = ok[ok["donor"] == BASE_ROW]
@@ -239,7 +193,8 @@ def select_with_config(config: SelectConfig) -> Selection:
         raise DataError(f"scores: no donor with status ok{why} in {config.scores}")
     candidates.sort(key=rank_key(config.metric))
     full_donors = int((ok["donor"] != BASE_ROW).sum())
-    if stopped and config.k is not None and config.k > full_donors:
+    cascaded = stored["sample_id"].map(lambda x: is_partial(x) and full_sample_id(x) == scope.sample_id).any()
+    if stopped and cascaded and config.k is not None and config.k > full_donors:
         raise DataError(f"k: {config.k} exceeds the {full_donors} donors the cascade scored on the full sample; "
                         f"rerun `mashup score` with cascade.min_survivors >= {config.k} (it resumes)")
 
@@ -252,7 +207,7 @@ def select_with_config(config: SelectConfig) -> Selection:
     temperature = (1.0 if config.temperature is None else config.temperature) if config.weighting == "softmax" else None
     selection = Selection(
         k=len(chosen), strategy=config.strategy, metric=config.metric, weighting=config.weighting, penalty=penalty,
-        temperature=temperature, base_loss=base_loss,
+        temperature=temperature, base_loss=base_loss, sample_id=scope.sample_id, pool=scope.pool,
         donors=[c.model_copy(update={"weight": w}) for c, w in zip(chosen, weights)],
     )
     if config.out is not None:
@@ -260,18 +215,11 @@ def select_with_config(config: SelectConfig) -> Selection:
     return selection
 
 
-def _float(value: object) -> float | None:
-    """A finite float, or None for a missing or NaN store value."""
-    try:
-        x = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
 def select(
     scores: str | Path,
     *,
+    sample: str | None = None,
+    pool: str | None = None,
     k: int | None = None,
     strategy: str | None = None,
     metric: str | None = None,
@@ -285,6 +233,6 @@ def select(
     """Script-friendly `mashup select`: options left as None take SelectConfig's defaults; writes `out` if given."""
     from engine.core.config import validate
 
-    options = dict(scores=scores, k=k, strategy=strategy, metric=metric, below_base=below_base, seed=seed, weighting=weighting,
+    options = dict(scores=scores, sample=sample, pool=pool, k=k, strategy=strategy, metric=metric, below_base=below_base, seed=seed, weighting=weighting,
                    penalty=penalty, temperature=temperature, out=out)
     return select_with_config(validate(SelectConfig, {k_: v for k_, v in options.items() if v is not None}, "select"))

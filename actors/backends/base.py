@@ -14,8 +14,7 @@ from pydantic import Field
 
 from engine.core.config import StrictModel
 from engine.core.data import EncodedSample
-
-BASE = "__base__"
+from engine.core.scores import BASE_ROW as BASE  # the base model's donor id, the same as its score row's
 
 
 @dataclass(frozen=True)
@@ -77,6 +76,10 @@ class BackendOptions(StrictModel):
     max_resident: int = Field(16, ge=2, description="adapters kept loaded in the actor (LRU)")
     batch_tokens: int = Field(8192, ge=64, description="padded tokens per forward pass")
     trust_remote_code: bool = False
+
+    # Options that change only speed, never a score (each backend's parity tests hold them to that); every other
+    # option joins the scores' identity (ScoreSettings.scorer_key), so rows computed otherwise are not reused.
+    SPEED_ONLY: ClassVar[frozenset[str]] = frozenset({"max_resident", "batch_tokens"})
 
 
 class Backend(ABC):

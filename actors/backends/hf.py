@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -26,6 +26,8 @@ from engine.core.data import EncodedSample
 
 
 class HFOptions(BackendOptions):
+    SPEED_ONLY: ClassVar[frozenset[str]] = BackendOptions.SPEED_ONLY | {"mixed_batch", "slots", "passes"}
+
     mixed_batch: bool = Field(True, description="put several donors in one forward pass")
     slots: bool = Field(True, description="load donors by copying into pre-injected LoRA slots")
     passes: Literal["auto", "mixed", "by_donor"] = Field(

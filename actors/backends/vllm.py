@@ -24,7 +24,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -49,6 +49,9 @@ NO_LM_HEAD = ("lm_head",)
 
 class VLLMOptions(BackendOptions):
     """vLLM engine settings. Importable without vLLM: the engine is imported inside VLLMBackend.__init__."""
+
+    SPEED_ONLY: ClassVar[frozenset[str]] = BackendOptions.SPEED_ONLY | {"gpu_memory_utilization", "max_loras",
+                                                                        "max_cpu_loras"}
 
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="share of GPU memory vLLM may take")
     tensor_parallel_size: int = Field(1, ge=1)

@@ -45,4 +45,6 @@ def run(args: argparse.Namespace) -> int:
               + (" (final)" if r["final"] else ""))
     for donor, reason in sorted(summary.failures.items()):
         print(f"  failed {donor}: {reason}")
+    print(f"  pool {summary.pool} (sample {summary.sample_id}); select it with: mashup select --scores "
+          f"{summary.out / 'scores.parquet'} --pool {summary.pool} …")
     return 0

@@ -11,6 +11,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("select", help="pick and weight donors from the scores", description=__doc__)
     p.add_argument("--config", help="YAML file (engine.selection:SelectConfig); flags override it")
     p.add_argument("--scores", help="scores.parquet, or the folder holding it")
+    p.add_argument("--pool", help="the pool id `mashup score` printed (or a unique prefix): which donors to rank, "
+                                   "when the store holds several scoring scopes")
+    p.add_argument("--sample", help="the sample id to rank on, when the store holds several samples")
     p.add_argument("--k", type=int, help="number of donors (not needed with --strategy all)")
     p.add_argument("--strategy", choices=STRATEGIES, help="top-k (default), random-k, worst-k or all")
     p.add_argument("--metric", choices=METRICS,
@@ -32,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from engine.core.paths import check_paths
     from engine.selection import SelectConfig, select_with_config
 
-    keys = ("scores", "k", "strategy", "metric", "below_base", "seed", "weighting", "penalty", "temperature", "out")
+    keys = ("scores", "pool", "sample", "k", "strategy", "metric", "below_base", "seed", "weighting", "penalty", "temperature", "out")
     config = build_config(SelectConfig, args.config, {k: getattr(args, k) for k in keys})
     check_paths(config, {"scores": "scores"})
     if config.out is None:

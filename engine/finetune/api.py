@@ -46,7 +46,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     out = config.out_path
     checkpoints = sorted((out / CHECKPOINTS_DIR).glob("step-*")) if (out / CHECKPOINTS_DIR).is_dir() else []
     if checkpoints:  # the run's checkpoints as a donor pool with step and training loss (engine/checkpoints.py)
-        from engine.checkpoints import write_manifest
+        from engine.core.run_folder import write_manifest
 
         write_manifest(out)
     return FinetuneResult(out / ADAPTER_DIR, read_log(out), time.perf_counter() - t0, checkpoints)

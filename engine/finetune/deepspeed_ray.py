@@ -150,7 +150,7 @@ def run_deepspeed(cfg: FinetuneConfig) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from engine.ray_utils import WORKER_ENV, ensure_ray
+    from engine.core.ray_utils import WORKER_ENV, ensure_ray
 
     ds = cfg.deepspeed
     env = {**WORKER_ENV, **deepspeed_env(ds.use_gpu)}

@@ -11,12 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.atomic import atomic_dir, atomic_file
-
-LOG_JSONL = "log.jsonl"
-LOG_PARQUET = "log.parquet"
-ADAPTER_DIR = "adapter"
-CHECKPOINTS_DIR = "checkpoints"
-INFO_FILE = "finetune_info.json"
+from engine.core.run_folder import (  # noqa: F401 - the folder's layout is the core's; re-exported for the stage
+    ADAPTER_DIR, CHECKPOINTS_DIR, INFO_FILE, LOG_JSONL, LOG_PARQUET, checkpoint_path,
+)
 
 
 class TrainLog:
@@ -60,6 +57,3 @@ def save_adapter(model: Any, final: Path, info: dict[str, Any]) -> Path:
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
     return final
 
-
-def checkpoint_path(out_dir: Path, step: int) -> Path:
-    return out_dir / CHECKPOINTS_DIR / f"step-{step:06d}"

@@ -35,12 +35,18 @@ class LinearMerge(MergeMethod):
         state.lora_B.add_(donor.lora_B, alpha=donor.weight * donor.scale if state.fold_scale else donor.weight)
 
     def add_donor(self, states: Sequence[LinearState], modules: Sequence[DonorModule], pass_index: int) -> None:
-        if not modules:
-            return
-        donor = modules[0]
-        b_weight = donor.weight * donor.scale if states[0].fold_scale else donor.weight
-        torch._foreach_add_([s.lora_A for s in states], [m.lora_A for m in modules], alpha=donor.weight)
-        torch._foreach_add_([s.lora_B for s in states], [m.lora_B for m in modules], alpha=b_weight)
+        """One donor's modules in a few batched adds. Modules are grouped by the weight their B gets: when scales
+        are folded, a donor's alpha_pattern gives its modules different scales, so one alpha per donor is wrong."""
+        groups: dict[float, tuple[list[LinearState], list[DonorModule]]] = {}
+        for state, module in zip(states, modules):
+            b_weight = module.weight * module.scale if state.fold_scale else module.weight
+            group = groups.setdefault(b_weight, ([], []))
+            group[0].append(state)
+            group[1].append(module)
+        for b_weight, (group_states, group_modules) in groups.items():
+            weight = group_modules[0].weight
+            torch._foreach_add_([s.lora_A for s in group_states], [m.lora_A for m in group_modules], alpha=weight)
+            torch._foreach_add_([s.lora_B for s in group_states], [m.lora_B for m in group_modules], alpha=b_weight)
 
     def finish(self, state: LinearState) -> tuple[torch.Tensor, torch.Tensor]:
         return state.lora_A, state.lora_B

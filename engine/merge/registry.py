@@ -17,6 +17,9 @@ METHODS: dict[str, str] = {
     "dare_ties": "engine.merge.dare_ties:DARE_TIES",
     "random-norm": "engine.merge.random_norm:RANDOM_NORM",
 }
+# Methods that keep the merge's scale and none of the donors' directions: an arm trained from one is a null control,
+# which the report never credits as recycling (engine.report.verdict).
+NULL_CONTROLS: frozenset[str] = frozenset({"random-norm"})
 
 
 def get_method(name: str):

@@ -50,7 +50,7 @@ def resolve_donors(config: MergeConfig) -> tuple[list[str], list[Path], list[flo
     """(names, folders, weights summing to 1, the fingerprints that were scored or None) from a selection.json or
     from --donors/--weights."""
     if config.selection is not None:
-        from engine.selection import Selection
+        from engine.core.selection_file import Selection
 
         selection = Selection.read(config.selection)
         names, paths, weights, scored = [], [], [], []
@@ -122,22 +122,33 @@ def group_modules(modules: Sequence[ModuleSpec], method: MergeMethod, rank: int,
 
 def merged_adapter_config(donors: Sequence[Donor], method: MergeMethod, options: MergeOptions, rank: int,
                           modules: Sequence[ModuleSpec]) -> dict:
-    """The first donor's config with the merged rank and scale, its modules named explicitly, no layer selectors."""
+    """The first donor's config with the merged rank and scale, its modules named explicitly, no layer selectors.
+
+    A method that keeps the donors' scale gets a lora_alpha whose alpha/r (alpha/√r with rsLoRA) is that scale:
+    the donors' alpha_pattern is dropped with the other selectors, so a pattern that gives every module the same
+    scale, other than lora_alpha/r, must move into lora_alpha or PEFT would load the merge at the wrong scale.
+    """
     config = {k: v for k, v in donors[0].config.items() if k not in LAYER_SELECTORS}
     config.update(target_modules=merged_target_modules(donors, modules), inference_mode=True)
     if not method.keeps_donor_scale(options):
         config.update(r=rank, lora_alpha=rank, use_rslora=False)
+        return config
+    scale = shared_scale(donors)
+    if scale is None:
+        raise MashupError(f"merge {method.name}: keeps the donors' scale, but they do not share one")
+    if not math.isclose(lora_scale(config), scale, rel_tol=1e-12):
+        config["lora_alpha"] = scale * (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
     return config
 
 
-def _shared_scale(donors: Sequence[Donor]) -> bool:
-    """Every donor has one scale for every module, the same for all donors: the merged adapter can keep it as its
-    own alpha. Otherwise (different alphas or ranks, rsLoRA mixes, alpha_pattern) the scales are folded into B."""
-    first = donors[0]
+def shared_scale(donors: Sequence[Donor]) -> float | None:
+    """The one scale (PEFT's per module: alpha_pattern and rsLoRA included) of every module of every donor, when
+    they all have the same rank: the merged adapter can then keep it. None otherwise (different alphas or ranks,
+    rsLoRA mixes, an alpha_pattern that gives modules different scales): the scales are folded into B."""
     scales = {f.scale for d in donors for f in d.modules.values()}
-    return len(scales) == 1 and all((d.config.get("lora_alpha"), bool(d.config.get("use_rslora")), d.rank)
-                                    == (first.config.get("lora_alpha"), bool(first.config.get("use_rslora")), first.rank)
-                                    for d in donors)
+    if len(scales) != 1 or len({d.rank for d in donors}) != 1:
+        return None
+    return scales.pop()
 
 
 def stream_modules(donors: Sequence[Donor], weights: Sequence[float], method: MergeMethod, options: MergeOptions,
@@ -192,7 +203,7 @@ def merge_with_config(config: MergeConfig) -> Path:
     options = MergeOptions(
         density=config.density, majority_sign=config.majority_sign or "total", seed=config.seed,
         svd_rank=config.svd_rank, donor_ranks=tuple(d.rank for d in donors),
-        shared_scale=_shared_scale(donors),
+        shared_scale=shared_scale(donors) is not None,
     )
     rank = method.output_rank(options)
     dtype = output_dtype(donors, config.dtype)

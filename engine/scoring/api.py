@@ -18,6 +18,7 @@ from pydantic import Field, field_validator, model_validator
 from engine.scoring.cascade import CascadeConfig
 from engine.core.config import StrictModel
 from engine.core.errors import ConfigError
+from engine.core.scores import BASE_ROW
 from engine.scoring.screen import ScreenConfig
 
 log = logging.getLogger("mashup.score")
@@ -87,6 +88,16 @@ class ScoreSettings(StrictModel):
     def _all(cls, v: Any) -> Any:
         return None if v in ("all", 0) else v
 
+    def scorer_key(self) -> str:
+        """What, besides the base and the tokenized sample, changes the numbers a row holds: the backend and every
+        backend option that is not declared speed-only (dtype, device, slot dtype, …). It joins the sample id, so
+        fp32 rows and bf16 rows, or hf rows and vllm rows, are never reused or ranked together."""
+        from engine.core.identity import key_of
+
+        opts = self.backend_opts()
+        numeric = {k: v for k, v in opts.model_dump().items() if k not in type(opts).SPEED_ONLY}
+        return key_of({"backend": self.backend, "options": numeric})[:16]
+
     def backend_opts(self):
         from actors.backends import get_backend
 
@@ -121,6 +132,8 @@ class ScoreSummary:
     seconds: float = 0.0
     failures: dict[str, str] = field(default_factory=dict)
     donor_examples: int = 0  # donor × example pairs scored by this call (the base excluded): the compute used
+    sample_id: str | None = None  # the scope this call scored (engine.core.pools): what selection must rank
+    pool: str | None = None
     rounds: list[dict[str, Any]] = field(default_factory=list)  # the cascade's rounds (cascade.json), else empty
     # seconds from the call's start to: ray_ready, scorer_ready (the first scorer has its base loaded), first_donor
     startup: dict[str, float] = field(default_factory=dict)
@@ -154,9 +167,8 @@ def prepare_sample(cfg: ScoreConfig, base_fp: str):
     tok = AutoTokenizer.from_pretrained(base, trust_remote_code=trust)
     model_cfg = AutoConfig.from_pretrained(base, trust_remote_code=trust)
     examples = sample_examples(load_jsonl(cfg.data), cfg.samples, cfg.seed)
-    sample = encode_sample(
-        tok, examples, getattr(model_cfg, "max_position_embeddings", None), cfg.chat_template, str(cfg.data), salt=base_fp
-    )
+    sample = encode_sample(tok, examples, getattr(model_cfg, "max_position_embeddings", None), cfg.chat_template,
+                           str(cfg.data), salt=f"{base_fp}|scorer:{cfg.scorer_key()}")
     sample.base_fingerprint = base_fp
     return sample
 
@@ -168,6 +180,7 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     from engine.scoring.store import ScoreStore
 
     from engine.core.paths import check_paths
+    from engine.core.pools import write_pool
 
     t0 = time.perf_counter()
     check_paths(cfg, {"base": "base", "donors": "donors", "data": "file"})  # one line per typo, for the API too
@@ -176,7 +189,8 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     sample = prepare_sample(cfg, base_fp)
     catalog = build_catalog(cfg.donors, cfg.hub_concurrency, cfg.trusted_roots)
     store = ScoreStore(cfg.out)
-    summary = ScoreSummary(cfg.out, started=t0)
+    record = write_pool(cfg.out, sample.fingerprint, [e.donor for e in catalog], cfg.strategy, len(sample.examples))
+    summary = ScoreSummary(cfg.out, started=t0, sample_id=record.sample_id, pool=record.pool)
     summary.mark("prepared")  # base pinned, sample tokenized, catalog built: the driver's own share
     if cfg.strategy in ("cascade", "screen"):
         from engine.scoring.cascade import run_cascade
@@ -187,7 +201,7 @@ def score(cfg: ScoreConfig) -> ScoreSummary:
     done = store.completed(sample.fingerprint) - stale_donors(catalog, store.read(), sample.fingerprint)
     pending = [e for e in catalog if e.donor not in done]
     summary.skipped_done = len(catalog) - len(pending)
-    include_base = "__base__" not in done
+    include_base = BASE_ROW not in done
     log.info("%d donors (%d already scored for sample %s), %d examples, %d completion tokens",
              len(catalog), summary.skipped_done, sample.fingerprint, len(sample.examples), sample.n_tokens)
     if pending or include_base:

@@ -28,11 +28,11 @@ from typing import Any, Iterable
 from pydantic import Field
 
 from engine.core.config import StrictModel
+from engine.core.scores import (  # noqa: F401 - PARTIAL, is_partial, prefix_id: re-exported, the grammar is the core's
+    BASE_ROW as BASE, EXACT, PARTIAL, full_sample_id, is_partial, prefix_id, prefix_size, set_fields,
+)
 
 log = logging.getLogger("mashup.score")
-
-BASE = "__base__"
-PARTIAL = "@"  # "<sample>@<n>": a row covering only the first n examples of the cascade's order
 SUMS = ("nll_sq_sum", "nll_tok_sum", "tok_sq_sum")
 SUMMARY = "cascade.json"
 
@@ -92,15 +92,6 @@ class RoundStats:
                 "nll_tok_sum": self.nll_tok, "tok_sq_sum": int(self.tok_sq)}
 
 
-def prefix_id(sample_id: str, n: int, total: int) -> str:
-    """The sample id of a prefix row: the plain id once the prefix is the whole sample."""
-    return sample_id if n >= total else f"{sample_id}{PARTIAL}{n}"
-
-
-def is_partial(sample_id: object) -> bool:
-    return isinstance(sample_id, str) and PARTIAL in sample_id
-
-
 def next_size(n: int, survivors: int, total: int, cfg: CascadeConfig) -> int:
     """Grow the prefix; jump to the whole sample once pruning can remove nobody."""
     if survivors <= cfg.min_survivors:
@@ -131,7 +122,7 @@ class RoundWriter:
         for row in rows:
             row = dict(row)
             if row["status"] == "ok":
-                row.update((RoundStats.from_row(row) + self.before.get(row["donor"], RoundStats())).row_fields())
+                set_fields(row, **(RoundStats.from_row(row) + self.before.get(row["donor"], RoundStats())).row_fields())
             (self.held if row["donor"] in self.held_ids else out).append(row)
         self.store.append(out)
 
@@ -147,7 +138,7 @@ def ok_stats(store, sample_id: str, round_: int, donors: Iterable[str]) -> dict[
     """Prefix statistics of the given donors' `ok` rows of one round."""
     df = store.read()
     df = df[(df.status == "ok") & (df.sample_id == sample_id) & (df["round"] == round_) & df.donor.isin(set(donors))
-            & (df.kind == "exact")]
+            & (df.kind == EXACT)]
     return {r["donor"]: RoundStats.from_row(r) for r in df.to_dict("records")}
 
 
@@ -156,7 +147,7 @@ def moved_donors(catalog, store, sample_id: str) -> set[str]:
     from engine.scoring.catalog import stale_donors
 
     rows = store.read()
-    rows = rows.assign(sample_id=rows.sample_id.map(lambda s: s.split(PARTIAL)[0] if isinstance(s, str) else s))
+    rows = rows.assign(sample_id=rows.sample_id.map(full_sample_id))
     return stale_donors(catalog, rows, sample_id)
 
 
@@ -186,13 +177,13 @@ def run_cascade(cfg, opts, sample, catalog, store, summary) -> None:
     ids = {e.donor: i + 1 for i, e in enumerate(catalog)}
     survivors, before = list(entries), {}
     prev_n, n, round_ = 0, min(cc.first_slice, total), 0
-    record = {"sample_id": sample.fingerprint, "examples": total, "donors": len(entries),
+    record = {"sample_id": sample.fingerprint, "seed": cfg.seed, "examples": total, "donors": len(entries),
               "config": cc.model_dump(), "rounds": [], "finished": False}
     moved = moved_donors(catalog, store, sample.fingerprint)
     runner = ActorPoolRunner(cfg, opts.model_dump(), ordered, store)
     try:
         while True:
-            sid, final = prefix_id(sample.fingerprint, n, total), n >= total
+            sid, final = prefix_id(sample.fingerprint, n, total, cfg.seed), n >= total
             done = store.completed(sid, round_) - moved
             pending = [entries[d] for d in survivors if d not in done]
             with_base = BASE not in done

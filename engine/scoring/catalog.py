@@ -15,6 +15,7 @@ from typing import Any, Iterable
 from engine.core.adapter import ADAPTER_FILES
 from engine.core.donor import DonorEntry, inside
 from engine.core.errors import ConfigError
+from engine.core.scores import BASE_ROW
 
 log = logging.getLogger("mashup.catalog")
 HUB_CONCURRENCY = 8
@@ -111,8 +112,8 @@ def build_catalog(sources: Iterable[str], hub_concurrency: int = HUB_CONCURRENCY
     out: list[DonorEntry] = []
     for source in sources:
         for entry in from_source(source, roots):
-            if entry.donor == "__base__":
-                entry.error = "the id '__base__' is reserved for the base model"
+            if entry.donor == BASE_ROW:
+                entry.error = f"the id '{BASE_ROW}' is reserved for the base model"
             if entry.donor in seen:
                 first = seen[entry.donor]
                 entry = DonorEntry(
@@ -194,8 +195,12 @@ def stale_donors(entries: Iterable[DonorEntry], rows, sample_id: str) -> set[str
         if e.donor not in recorded or e.donor in stale:
             continue
         path, stat = recorded[e.donor]
-        if e.is_hub:
-            continue  # a commit is a content address: moved_revisions compares it
+        if e.is_hub and isinstance(path, str) and path.partition("@")[0] == e.path.partition("@")[0]:
+            continue  # the same repo, and a commit is a content address: moved_revisions compares it
+        if e.is_hub:  # the id named a local donor, or another repo, when it was scored: its row is not this donor's
+            stale.add(e.donor)
+            changed.append(e.donor)
+            continue
         if path != e.path or not isinstance(stat, str) or stat != stat_signature(e.path):
             stale.add(e.donor)
             changed.append(e.donor)

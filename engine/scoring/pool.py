@@ -19,11 +19,12 @@ from typing import Any, Mapping
 
 from tqdm.auto import tqdm
 
-from actors.backends.base import BASE, DonorScore
-from actors.scorer import FAULT_HOOK_PREFIX, DonorScorer, ScoreTask, score_row
+from actors.backends.base import DonorScore
+from actors.scorer import FAULT_HOOK_PREFIX, DonorScorer, ScoreTask, result_row
 from engine.core.donor import DonorEntry
 from engine.core.errors import MashupError
-from engine.ray_utils import WORKER_ENV, cluster_has_gpus, ensure_ray
+from engine.core.scores import BASE_ROW as BASE, set_fields
+from engine.core.ray_utils import WORKER_ENV, cluster_has_gpus, ensure_ray
 
 log = logging.getLogger("mashup.score")
 WAIT_WARN_S = 60.0
@@ -80,12 +81,12 @@ class ActorPoolRunner:
 
     def _rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for row in rows:
-            row.update(backend=row.get("backend") or self.cfg.backend, sample_id=self.sample.fingerprint, round=self.round,
-                       base_fingerprint=self.sample.base_fingerprint)
+            set_fields(row, backend=row.get("backend") or self.cfg.backend, sample_id=self.sample.fingerprint,
+                       round=self.round, base_fingerprint=self.sample.base_fingerprint)
         return rows
 
     def _fail(self, batch: Batch, reason: str) -> list[dict[str, Any]]:
-        return self._rows([score_row(t, DonorScore(BASE if t is None else t.entry.donor, error=reason)) for t in batch])
+        return self._rows([result_row(t, DonorScore(BASE if t is None else t.entry.donor, error=reason)) for t in batch])
 
     @property
     def live(self) -> int:

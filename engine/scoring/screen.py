@@ -29,11 +29,11 @@ from typing import Any, Literal
 from pydantic import Field
 
 from engine.core.config import StrictModel
+from engine.core.scores import BASE_ROW as BASE, EXACT, SCREEN, set_fields
 from engine.scoring.pool import ActorPoolRunner
 
 log = logging.getLogger("mashup.score")
 SUMMARY = "screen.json"
-BASE = "__base__"
 
 
 class ScreenConfig(StrictModel):
@@ -51,7 +51,7 @@ class ScreenConfig(StrictModel):
 class StageRunner(ActorPoolRunner):
     """The scoring pool with actors that can also screen; rows carry the stage's kind (failures included)."""
 
-    kind = "exact"
+    kind = EXACT
 
     def __init__(self, *args: Any, **kwargs: Any):
         from actors.screening import ScreeningScorer
@@ -61,16 +61,16 @@ class StageRunner(ActorPoolRunner):
 
     def stage(self, method: str, sample, round_: int = 0) -> "StageRunner":
         self.method, self.sample, self.round = method, sample, round_
-        self.kind = "screen" if method == "screen" else "exact"
+        self.kind = SCREEN if method == "screen" else EXACT
         return self
 
     def _rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for row in super()._rows(rows):
-            row["kind"] = self.kind
+            set_fields(row, kind=self.kind)
         return rows
 
     def _record(self, rows: list[dict[str, Any]], summary, bar) -> None:
-        if self.kind == "screen":  # a screen row is not a score: keep the summary's counts for exact rows
+        if self.kind == SCREEN:  # a screen row is not a score: keep the summary's counts for exact rows
             self.base_pending = False
             self._log_placement(rows)
             self.store.append(rows)
@@ -87,7 +87,7 @@ def _rank_pct(order: list[str]) -> dict[str, float]:
 
 def screen_rows(store, sample_id: str):
     df = store.read()
-    return df[(df.kind == "screen") & (df.sample_id == sample_id) & (df.donor != BASE)]
+    return df[(df.kind == SCREEN) & (df.sample_id == sample_id) & (df.donor != BASE)]
 
 
 def survivors(screen: dict[str, float], probe: dict[str, Any], others: list[str], sc: ScreenConfig):
@@ -115,7 +115,7 @@ def run_screen(cfg, opts, sample, catalog, store, summary) -> None:
     entries = {e.donor: e for e in catalog}
     ids = {e.donor: i + 1 for i, e in enumerate(catalog)}
     total = len(sample.examples)
-    record: dict[str, Any] = {"sample_id": sample.fingerprint, "examples": total, "donors": len(entries),
+    record: dict[str, Any] = {"sample_id": sample.fingerprint, "seed": cfg.seed, "examples": total, "donors": len(entries),
                               "tokens": sum(len(e.input_ids) for e in sample.examples),
                               "config": sc.model_dump(), "stages": [], "finished": False}
     runner = StageRunner(cfg, opts.model_dump(), sample, store)
@@ -152,10 +152,10 @@ def run_screen(cfg, opts, sample, catalog, store, summary) -> None:
         if sc.probe:
             n = min(sc.probe, total)
             ordered = cascade_order(sample, cfg.seed)
-            sid = prefix_id(sample.fingerprint, n, total)
+            sid = prefix_id(sample.fingerprint, n, total, cfg.seed)
             probe_sample = EncodedSample(ordered.examples[:n], sid, sample.base_fingerprint)
-            stale = stale_donors(catalog, store.read(), sid)
-            todo = [d for d in entries if d not in store.completed(sid) - stale]
+            done = store.completed(sid) - stale_donors(catalog, store.read(), sid)  # one read, not one per donor
+            todo = [d for d in entries if d not in done]
             summary.skipped_done += len(entries) - len(todo)
             stage("probe", "score", probe_sample, todo, False, n)
             probe_stats = ok_stats(store, sid, 0, entries)

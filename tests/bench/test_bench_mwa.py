@@ -37,6 +37,15 @@ def test_bad_override_is_named():
         load_config(["seeds=oops"])
 
 
+def test_the_prompt_format_is_set_once():
+    """Training and the checkpoint evaluations share the top-level chat_template; the finetune recipe may not set it."""
+    from engine.core.errors import ConfigError
+
+    assert load_config(["chat_template=true"]).chat_template is True
+    with pytest.raises(ConfigError, match="finetune: chat_template: set the prompt format once, as the top-level"):
+        load_config(["finetune.chat_template=true"])
+
+
 def test_language_world_needs_its_base_and_its_one_target(tmp_path):
     from bench.bench_mwa import ensure_world
     from engine.core.errors import ConfigError

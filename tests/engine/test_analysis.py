@@ -136,3 +136,60 @@ def test_benchmark_counts_a_lower_loss_as_a_win(tmp_path):
     avg = {r["arm"]: r for r in average(data, "scratch")}
     assert avg["mashup"]["wins"] == 2 and avg["scratch"]["wins"] == 0
     assert avg["mashup"]["delta_vs_baseline"] == pytest.approx(-(0.2 + 0.05) / 2, abs=1e-12)
+
+
+NULL_AND_WIDE = {  # accuracy at STEPS for every LR and seed; scratch and mashup as in ACCURACY (scratch's final: 0.55)
+    "random-norm": [0.2, 0.4, 0.55, 0.6],  # the null control reaches 0.55 at step 20 and ends at 0.60
+    "scratch-r16": [0.1, 0.3, 0.6, 0.65],  # init none: reaches 0.55 at step 20, ends at 0.65
+}
+
+
+def control_run(out: Path, null_curve: list[float]) -> RunConfig:
+    """ACCURACY's two arms plus a random-norm null control and a second init-none arm, logs written by hand."""
+    cfg = RunConfig(out=out, base="b", donors=["d"], train=Path("t.jsonl"), val=Path("v.jsonl"),
+                    arms=[ArmSpec(name="mashup"), ArmSpec(name="random-norm", merge={"method": "random-norm"}),
+                          ArmSpec(name="scratch-r16", init="none"), ArmSpec(name="scratch", init="none")],
+                    sweep=SweepSpec(lrs=list(LRS), seeds=list(SEEDS)))
+    curves = {**ACCURACY, **{(arm, lr): {s: acc for s in SEEDS} for arm, acc in
+                             {**NULL_AND_WIDE, "random-norm": null_curve}.items() for lr in LRS}}
+    for (arm, lr), by_seed in curves.items():
+        for seed, acc in by_seed.items():
+            write_log(cfg.out / "arms" / arm / "runs" / run_name(lr, seed), acc, [2.0 - a for a in acc], seed)
+    return cfg
+
+
+def test_verdict_never_credits_a_null_control_or_an_init_none_arm(tmp_path):
+    """A null control at parity casts doubt on the recycled arm's gain; neither it nor an init-none arm that beats
+    the baseline is "recycling helped" (the old verdict said so of every arm that beat scratch)."""
+    from engine.report import collect, render, verdict
+
+    cfg = control_run(tmp_path / "run", NULL_AND_WIDE["random-norm"])
+    data = collect(cfg)
+    assert {r["arm"]: r["role"] for r in data["rows"]} == {
+        "mashup": "recycled", "random-norm": "null control", "scratch-r16": "no donors", "scratch": "no donors"}
+    caution = "the null control random-norm also reaches parity: the gain may not come from the donors' directions"
+    lines = verdict(data)
+    assert lines == [
+        "- **mashup: beat scratch, but not shown to be recycling.** It reached scratch's final accuracy at step 10 "
+        "(33% of the budget), and ended +15.00 pp against scratch (final 0.700 vs 0.550). However, " + caution
+        + "; mashup ends ahead of random-norm (0.700 vs 0.600).",
+        "- **random-norm: null control, reaches parity.** It reached scratch's final accuracy at step 20 (67% of the "
+        "budget), and ended +5.00 pp against scratch (final 0.600 vs 0.550). T" + caution[1:] + ".",
+        "- **scratch-r16: no donors (init: none), not a recycling arm.** It reached scratch's final accuracy at step 20 "
+        "(67% of the budget), and ended +10.00 pp against scratch (final 0.650 vs 0.550)."]
+    report = render(cfg, data, [])
+    assert all(line in report for line in lines)
+    assert "recycling helped" not in report
+
+
+def test_verdict_credits_recycling_when_the_null_control_stays_short(tmp_path):
+    from engine.report import collect, render, verdict
+
+    cfg = control_run(tmp_path / "run", [0.1, 0.2, 0.3, 0.4])  # the null control never reaches scratch's 0.55
+    data = collect(cfg)
+    lines = verdict(data)
+    assert lines[0].startswith("- **mashup: recycling helped.** It reached scratch's final accuracy at step 10")
+    assert lines[0].endswith("(final 0.700 vs 0.550).")
+    assert lines[1].startswith("- **random-norm: null control, does not reach parity.** It never reached")
+    assert "recycling helped" not in " ".join(lines[1:])
+    assert lines[0] in render(cfg, data, [])

@@ -135,8 +135,17 @@ def test_held_out_evaluation_is_redone_when_its_eval_file_changes(tmp_path, base
     eval_file = tmp_path / "eval.jsonl"
     lines = task_file.read_text().splitlines()
     eval_file.write_text("\n".join(lines[:6]) + "\n")
-    cfg = SimpleNamespace(base=str(base_dir), eval=eval_file)
+    cfg = SimpleNamespace(base=str(base_dir), eval=eval_file, chat_template=False)
+    cache = run_dir / "final_eval.json"
+
+    def written() -> tuple[int, int]:  # the cache is replaced atomically: a rewrite is a new inode and mtime
+        stat = cache.stat()
+        return stat.st_ino, stat.st_mtime_ns
+
     first = _final_eval(cfg, run_dir)
-    assert _final_eval(cfg, run_dir) == first  # cached
+    stored = written()
+    assert _final_eval(cfg, run_dir) == first
+    assert written() == stored  # reused: the evaluation was not redone and rewritten
     eval_file.write_text("\n".join(lines[6:12]) + "\n")
     assert _final_eval(cfg, run_dir) != first
+    assert written() != stored

@@ -81,7 +81,7 @@ def test_rounds_are_recorded_as_nested_prefixes(exhaustive, cascade):
     survivors = None
     for r in record["rounds"]:
         got = rows[rows["round"] == r["round"]]
-        assert set(got.sample_id) == {full_id if r["final"] else f"{full_id}@{r['examples']}"}
+        assert set(got.sample_id) == {full_id if r["final"] else f"{full_id}@{r['examples']}.s{cfg.seed}"}
         assert (got.n_examples == r["examples"]).all()
         donors = set(got.donor) - {"__base__"}
         assert "__base__" in set(got.donor) and len(donors) == r["scored"]
@@ -135,6 +135,25 @@ def test_resume_mid_cascade_rescores_nothing_finished(ray_local, tmp_path, casca
     same = after.set_index(["donor", "sample_id", "round"]).sort_index()
     ref = uninterrupted.set_index(["donor", "sample_id", "round"]).sort_index()
     assert list(same.index) == list(ref.index) and (same.loss - ref.loss).abs().max() < 1e-9
+
+
+def test_a_cascade_resumed_with_another_seed_never_reuses_the_other_orders_prefixes(
+        ray_local, tmp_path, graded_pool, task_file, base_dir):
+    """Prefix rows name the shuffle seed: resuming with seed 1 after seed 0 gives a fresh seed-1 cascade's rows."""
+    staged = config(tmp_path, "resumed", graded_pool, task_file, base_dir, strategy="cascade", seed=0,
+                    cascade={**CASCADE, "stop_after_round": 1})
+    score(staged)
+    again = config(tmp_path, "resumed", graded_pool, task_file, base_dir, strategy="cascade", seed=1, cascade=CASCADE)
+    fresh = config(tmp_path, "fresh", graded_pool, task_file, base_dir, strategy="cascade", seed=1, cascade=CASCADE)
+    resumed, clean = score(again), score(fresh)
+    assert resumed.rounds == [{**r, "seconds": resumed.rounds[i]["seconds"]} for i, r in enumerate(clean.rounds)]
+
+    def seed1(out):
+        rows = read_scores(out)
+        return rows[~rows.sample_id.str.contains(".s0", regex=False)].set_index(["donor", "sample_id", "round"]).loss
+    a, b = seed1(again.out).sort_index(), seed1(fresh.out).sort_index()
+    assert list(a.index) == list(b.index) and (a - b).abs().max() < 1e-9
+    assert [d.donor for d in select(again.out, k=3).donors] == [d.donor for d in select(fresh.out, k=3).donors]
 
 
 def test_an_unfinished_final_round_is_not_selected(tmp_path, cascade):

@@ -55,3 +55,21 @@ def test_paths_are_absolute_whatever_the_cwd(pool_dir, monkeypatch):
     monkeypatch.chdir(pool_dir.parent)
     entries = build_catalog(["pool"])
     assert all(os.path.isabs(e.path) and os.path.isdir(e.path) for e in entries)
+
+
+def test_a_local_id_reused_for_a_hub_donor_is_rescored(pool_dir):
+    """The row of id `donor1` was scored from a local folder; the manifest now points that id at a Hub repo."""
+    import pandas as pd
+
+    from engine.core.donor import DonorEntry
+    from engine.scoring.catalog import stale_donors
+
+    commit = "a" * 40
+    rows = pd.DataFrame([{"donor": "donor1", "status": "ok", "sample_id": "s", "path": str(pool_dir / "qv" / "donor1"),
+                          "donor_stat": "whatever", "revision": None}])
+    hub = DonorEntry("donor1", f"hf://org/donor1@{commit}", revision=commit)
+    assert stale_donors([hub], rows, "s") == {"donor1"}
+    same_repo = rows.assign(path=f"hf://org/donor1@{commit}", revision=commit)
+    assert stale_donors([hub], same_repo, "s") == set()
+    other_repo = rows.assign(path=f"hf://other/donor1@{commit}", revision=commit)
+    assert stale_donors([hub], other_repo, "s") == {"donor1"}

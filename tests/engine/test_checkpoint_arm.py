@@ -43,7 +43,12 @@ def test_arm_merges_its_checkpoints_and_reports_them(tmp_path, base_dir, task_fi
     assert "## Checkpoint merges" in text and "| ckpt | loss p=2 |" in text
     [entry] = json.loads((cfg.out / "results.json").read_text())["checkpoint_merge"]
     assert entry["arm"] == "ckpt" and entry["metric"] == "accuracy"
-    merged_acc, held = [], []
+    merged_acc, held, final_acc, final_loss, held_final = [], [], [], [], []
+
+    def load(adapter):
+        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32),
+                                         str(adapter))
+
     for seed in (0, 1):
         run_dir = cfg.out / "arms" / "ckpt" / "runs" / f"seed{seed}"
         rows = [json.loads(line) for line in (run_dir / "checkpoints.jsonl").read_text().splitlines()]
@@ -51,14 +56,20 @@ def test_arm_merges_its_checkpoints_and_reports_them(tmp_path, base_dir, task_fi
         info = json.loads((run_dir / "checkpoint_merge" / "merge_info.json").read_text())
         raw = [r["train_loss"] ** -2.0 for r in rows]
         assert info["weights"] == pytest.approx([w / sum(raw) for w in raw], rel=1e-12)
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32),
-                                          str(run_dir / "checkpoint_merge"))
+        model = load(run_dir / "checkpoint_merge")
         merged_acc.append(evaluate(model, tokenizer, load_jsonl(eval_file)).accuracy)
         held.append(evaluate(model, tokenizer, load_jsonl(task_file)).accuracy)
+        model = load(run_dir / "adapter")  # the run's final checkpoint, as it saved it
+        final = evaluate(model, tokenizer, load_jsonl(eval_file))
+        final_acc.append(final.accuracy)
+        final_loss.append(final.loss)
+        held_final.append(evaluate(model, tokenizer, load_jsonl(task_file)).accuracy)
     assert entry["merged"] == pytest.approx(sum(merged_acc) / 2)
     assert entry["heldout_merged"] == pytest.approx(sum(held) / 2)
-    results = json.loads((cfg.out / "results.json").read_text())
-    assert entry["final"] == pytest.approx(next(r for r in results["rows"] if r["arm"] == "ckpt")["final"])
+    # The final checkpoint, evaluated here from its saved adapter, not copied from the run's own results
+    assert entry["final"] == pytest.approx(sum(final_acc) / 2)
+    assert entry["final_loss"] == pytest.approx(sum(final_loss) / 2, rel=1e-5)
+    assert entry["heldout_final"] == pytest.approx(sum(held_final) / 2)
     assert not (cfg.out / "arms" / "scratch" / "runs" / "seed0" / "checkpoints").exists()  # only the merge arm saves
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.checkpoints import Checkpoint, checkpoint_rows, checkpoint_weights, merge_checkpoints
+from engine.checkpoints import checkpoint_weights, merge_checkpoints
+from engine.core.run_folder import Checkpoint, checkpoint_rows
 from engine.cli import main
 
 

@@ -58,3 +58,21 @@ def test_a_scorer_that_cannot_start_is_one_line(tmp_path, pool_dir, task_file, b
         run(tmp_path, "nostart", [pool_dir / "qv"], task_file, base_dir, executor="local",
             backend_options={"device": "no-such-device"})
     assert torch.get_num_threads() == threads
+
+
+def test_rows_of_another_dtype_or_backend_option_are_never_reused(tmp_path, pool_dir, task_file, base_dir):
+    """The scorer's numbers depend on dtype (and every option not declared speed-only): a bf16 rerun in an fp32
+    folder rescores everyone and ranks only its own rows; a speed-only option (batch_tokens) reuses them."""
+    from engine.selection import select
+
+    kw = dict(samples=8, executor="local")
+    fp32, _ = run(tmp_path, "out", [pool_dir], task_file, base_dir, **kw)
+    same, _ = run(tmp_path, "out", [pool_dir], task_file, base_dir, backend_options={"batch_tokens": 256}, **kw)
+    assert same.scored == 0 and same.skipped_done == fp32.scored - 1 and same.sample_id == fp32.sample_id  # scored counts the base
+    bf16, rows = run(tmp_path, "out", [pool_dir], task_file, base_dir, backend_options={"dtype": "bfloat16"}, **kw)
+    assert bf16.scored == fp32.scored and bf16.sample_id != fp32.sample_id
+    fresh, _ = run(tmp_path, "fresh", [pool_dir], task_file, base_dir, backend_options={"dtype": "bfloat16"}, **kw)
+    mixed = select(tmp_path / "out", k=2, pool=bf16.pool)
+    clean = select(tmp_path / "fresh", k=2)
+    assert [(d.donor, d.loss) for d in mixed.donors] == [(d.donor, d.loss) for d in clean.donors]
+    assert set(rows.sample_id) == {fp32.sample_id, bf16.sample_id}

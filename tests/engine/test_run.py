@@ -107,13 +107,42 @@ def test_merged_init_starts_at_its_scored_loss(finished, base_dir, tokenizer, ta
 
 
 def test_rerun_resumes_without_retraining(finished, run_config):
+    """A rerun with everything cached trains nothing, merges nothing, and leaves the recorded time alone: the
+    wall-clock figures are those of the work behind the results (they grew with every rerun before)."""
     path, out = run_config
     logs = sorted(out.glob("arms/*/runs/*/log.parquet"))
     before = {p: p.stat().st_mtime_ns for p in logs}
     merged = (out / "arms" / "mashup" / "merged" / "merge_info.json").stat().st_mtime_ns
+
+    def recorded():
+        rows = json.loads((out / "results.json").read_text())["rows"]
+        return ((out / "timings.json").read_text(), [(r["seconds_to_parity"], r["overhead_seconds"]) for r in rows],
+                (out / "report.md").read_text().split("## Verdict")[1])
+
+    timings, wall_clock, report = recorded()
+    assert {"score", "select+merge:mashup", "finetune:scratch/lr0.001_seed0"} <= set(json.loads(timings))
     assert main(["run", "--config", str(path)]) == 0
     assert {p: p.stat().st_mtime_ns for p in logs} == before
     assert (out / "arms" / "mashup" / "merged" / "merge_info.json").stat().st_mtime_ns == merged
+    assert recorded() == (timings, wall_clock, report)
+
+
+def test_timings_record_the_work_behind_the_current_results(tmp_path):
+    """Redone: replaced. Resumed on the same sample: added. Another sample: replaced. A stage the run no longer
+    has: dropped. Read back from disk each time, as a resumed run does."""
+    from engine.run import Timings
+
+    path = tmp_path / "timings.json"
+    Timings(path).add("score", 2.0, "sample-a")
+    Timings(path).add("score", 1.5, "sample-a")  # the part resumed after a kill: honest cost of the same scores
+    Timings(path).set("finetune:a/seed0", 4.0)
+    Timings(path).set("finetune:a/seed0", 3.0)  # retrained: the old run's time is not behind the results any more
+    assert json.loads(path.read_text()) == {"score": 3.5, "finetune:a/seed0": 3.0}
+    Timings(path).add("score", 1.0, "sample-b")  # a new sample: the old sample's scoring is not what selection reads
+    Timings(path).keep({"score"})
+    assert json.loads(path.read_text()) == {"score": 1.0}
+    Timings(path).use("score", "sample-a")  # back to a sample scored before, all cached: what it cost then
+    assert json.loads(path.read_text()) == {"score": 3.5}
 
 
 def test_bad_section_is_named_before_any_work(tmp_path, run_config, capsys):
@@ -128,16 +157,19 @@ def test_bad_section_is_named_before_any_work(tmp_path, run_config, capsys):
     assert not (tmp_path / "never").exists()
 
 
-@pytest.mark.parametrize("arm, message", [
-    ({"name": "rand", "select": {"strategy": "random-k"}}, "arms.rand: strategy 'random-k' needs every donor"),
-    ({"name": "wide", "select": {"k": 5}}, r"arms.wide: select.k \(5\) exceeds score.cascade.min_survivors \(4\)"),
+@pytest.mark.parametrize("strategy, arm, message", [
+    ("cascade", {"name": "rand", "select": {"strategy": "random-k"}}, "arms.rand: strategy 'random-k' needs every donor"),
+    ("cascade", {"name": "wide", "select": {"k": 5}},
+     r"arms.wide: select.k \(5\) exceeds score.cascade.min_survivors \(4\)"),
+    ("screen", {"name": "worst", "select": {"strategy": "worst-k"}}, "arms.worst: strategy 'worst-k' needs every donor"),
+    ("screen", {"name": "every", "select": {"strategy": "all"}}, "arms.every: strategy 'all' needs every donor"),
 ])
-def test_cascade_conflicts_are_named_before_scoring(tmp_path, run_config, capsys, arm, message):
+def test_cascade_and_screen_conflicts_are_named_before_scoring(tmp_path, run_config, capsys, strategy, arm, message):
     import re
 
     path, _ = run_config
     cfg = yaml.safe_load(path.read_text())
-    cfg["score"]["strategy"] = "cascade"
+    cfg["score"]["strategy"] = strategy
     cfg["arms"] = [arm, {"name": "scratch", "init": "none"}]
     cfg["out"] = str(tmp_path / "never")
     bad = tmp_path / "bad.yaml"

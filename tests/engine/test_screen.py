@@ -150,7 +150,7 @@ def test_killed_screen_resumes_without_recomputing_finished_rows(ray_local, tmp_
     assert plain.written_at.tolist() == kept.written_at.tolist()  # not recomputed
     assert summary.skipped_done >= 1
     assert set(again[again.kind == "screen"].donor) == {"plain", "rslora", "patterns"}
-    assert set(again[again.sample_id.str.endswith("@2")].donor) == {"plain", "rslora", "patterns"}
+    assert set(again[again.sample_id.str.endswith("@2.s0")].donor) == {"plain", "rslora", "patterns"}
 
 
 @pytest.mark.parametrize("odd, why", [("embedding", "embedding"), ("saved", "modules_to_save")])
@@ -190,3 +190,28 @@ def test_selection_refuses_to_rank_screening_rows(tmp_path):
     store.append([{**row, "donor": "__base__", "loss": 2.0}, {**row, "donor": "b", "loss": 1.5},
                   {**row, "donor": "c", "loss": 0.1, "kind": "screen"}])
     assert [d.donor for d in select(tmp_path, k=2).donors] == ["b"]
+
+
+def test_the_probe_reads_the_store_a_fixed_number_of_times_whatever_the_pool_size(tmp_path, base_dir, task_file,
+                                                                                    monkeypatch):
+    """Reads of the store must not grow with N (the probe used to read it once per donor: quadratic in N)."""
+    from bench.world.tiny import write_lora_adapter
+    from engine.scoring.store import ScoreStore
+
+    reads = {"n": 0}
+    real_read = ScoreStore.read
+
+    def counted(self):
+        reads["n"] += 1
+        return real_read(self)
+
+    monkeypatch.setattr(ScoreStore, "read", counted)  # a spy: the real read runs
+    counts = []
+    for n in (3, 9):
+        pool = tmp_path / f"pool{n}"
+        for i in range(n):
+            write_lora_adapter(base_dir, pool / f"d{i}", seed=i, r=4, alpha=8)
+        reads["n"] = 0
+        score(config(tmp_path / f"out{n}", pool, task_file, base_dir, executor="local"))
+        counts.append(reads["n"])
+    assert counts[0] == counts[1], counts

@@ -121,15 +121,35 @@ def test_latest_row_of_a_donor_wins(tmp_path):
     assert names(selection) == ["a"] and selection.donors[0].loss == 0.8
 
 
-def test_several_samples_use_the_latest_base_rows_sample_and_warn(tmp_path, caplog):
+def test_several_samples_are_refused_until_one_is_named(tmp_path):
+    """No guess by recency: a store of two samples names both and says how to choose; --sample picks one."""
     rows = [score_row("__base__", 2.0, sample="old"), score_row("a", 0.1, sample="old"),
             score_row("__base__", 1.0, sample="new"), score_row("b", 0.9, sample="new"),
             score_row("c", 0.8, sample="new")]
     path = write_scores(tmp_path, rows)
-    with caplog.at_level(logging.WARNING):
-        selection = select(path, strategy="all")
-    assert names(selection) == ["c", "b"] and selection.base_loss == 1.0
-    assert "data samples" in caplog.text
+    with pytest.raises(DataError, match=r"2 data samples \(new, old\).*--sample"):
+        select(path, strategy="all")
+    assert names(select(path, strategy="all", sample="new")) == ["c", "b"]
+    old = select(path, strategy="all", sample="old")
+    assert names(old) == ["a"] and old.base_loss == 2.0 and old.sample_id == "old"
+
+
+def test_recorded_pools_scope_the_ranking(tmp_path):
+    """A donor of another pool (removed from the manifest since) is never ranked; several pools need --pool."""
+    from engine.core.pools import write_pool
+
+    rows = [score_row("__base__", 1.0), score_row("a", 0.2), score_row("b", 0.5), score_row("c", 0.9)]
+    path = write_scores(tmp_path, rows)
+    first = write_pool(tmp_path, SAMPLE, ["a", "b", "c"])
+    assert names(select(path, k=1)) == ["a"]
+    second = write_pool(tmp_path, SAMPLE, ["b", "c"])
+    with pytest.raises(DataError, match=f"2 pools scored on sample {SAMPLE}|2 scoring scopes"):
+        select(path, k=1)
+    picked = select(path, k=1, pool=second.pool)
+    assert names(picked) == ["b"] and picked.pool == second.pool
+    assert names(select(path, k=1, pool=first.pool[:6])) == ["a"]
+    with pytest.raises(DataError, match="not found"):
+        select(path, k=1, pool="ffff0000")
 
 
 def test_options_that_do_not_fit_are_config_errors(scores):
@@ -199,3 +219,32 @@ def test_metric_flag_reaches_selection_json(tmp_path, capsys):
     assert main(["select", "--scores", str(path), "--k", "1", "--metric", "token_accuracy", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["donors"][0]["donor"] == "c"
     assert "top-k by token_accuracy" in capsys.readouterr().out
+
+
+def test_ablations_refuse_a_pool_that_the_screen_cut(tmp_path):
+    """With screen.probe 0, donors the screen dropped have screen rows only: a worst-k or random-k arm would draw
+    from the screen's survivors (the worst of the predicted best), so it refuses; top-k ranks the survivors."""
+    from engine.core.pools import write_pool
+
+    rows = [score_row("__base__", 1.0), score_row("a", 0.3), score_row("b", 0.6)]
+    rows += [{**score_row(d, loss), "kind": "screen"} for d, loss in (("a", 0.2), ("b", 0.4), ("c", 2.0), ("d", 3.0))]
+    path = write_scores(tmp_path, rows)
+    write_pool(tmp_path, SAMPLE, ["a", "b", "c", "d"], "screen")
+    for strategy in ("worst-k", "random-k", "all"):
+        with pytest.raises(DataError, match="stopped 2 donors early"):
+            select(path, k=1, strategy=strategy)
+    assert names(select(path, k=2)) == ["a", "b"]
+
+
+def test_cli_names_the_scopes_it_will_not_choose_between(tmp_path, capsys):
+    from engine.core.pools import write_pool
+
+    path = write_scores(tmp_path, [score_row("__base__", 1.0), score_row("a", 0.2), score_row("b", 0.5)])
+    one, two = write_pool(tmp_path, SAMPLE, ["a", "b"]), write_pool(tmp_path, SAMPLE, ["b"])
+    out = tmp_path / "selection.json"
+    assert main(["select", "--scores", str(path), "--k", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and one.pool in err and two.pool in err and "--pool" in err
+    assert not out.exists()
+    assert main(["select", "--scores", str(path), "--k", "1", "--pool", two.pool, "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["donors"][0]["donor"] == "b"

@@ -51,3 +51,18 @@ def test_a_store_written_before_a_column_existed_reads_and_compacts(tmp_path):
     df = read_scores(tmp_path).set_index("donor")
     assert pq.read_schema(tmp_path / SCORES).names == SCHEMA.names
     assert df.loc["a"].isna()["nll_sq_sum"] and df.loc["b", "tok_sq_sum"] == 81 and df.loc["a", "n_tokens"] == 9
+
+
+def test_the_row_builder_fills_every_column_and_refuses_unknown_ones():
+    import pytest
+
+    from engine.core.scores import EXACT, NAMES, score_row, set_fields
+
+    built = score_row("a", loss=0.5)
+    assert list(built) == list(NAMES) and SCHEMA.names == list(NAMES)
+    assert (built["donor"], built["loss"], built["round"], built["kind"], built["status"]) == ("a", 0.5, 0, EXACT, None)
+    assert set_fields(built, status="ok")["status"] == "ok"
+    with pytest.raises(ValueError, match="lsos"):
+        score_row("a", lsos=0.5)
+    with pytest.raises(ValueError, match="sampel_id"):
+        set_fields(built, sampel_id="s")

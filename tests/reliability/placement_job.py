@@ -6,6 +6,10 @@ zone=b; the head has CPUs but no `scorer`. Three jobs over the same Hub donors (
 only read its own cache): `spread` (2 actors asking for `scorer`), `pinned` (2 actors asking for `node_a`, of which node A has 1: one fits) and
 `labelled` (1 actor selecting zone=b). An audit hook records every file the driver opens.
 
+In `spread`, both actors must score, whatever the machine's speed (a fast actor could otherwise take every batch
+before the other has started): the scorer's gate hook (gate.py) holds the first call with GATED until the other
+actor has recorded rows.
+
 Prints `RESULT {json}`: per job, the rows' losses and revisions and the placement log; the nodes; the driver's opens.
 """
 from __future__ import annotations
@@ -14,15 +18,47 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
+from gate import gate_env, release, wait_entered, wait_until
+
+GATED = "acme/p0"
 OPENED: list[str] = []
 
 
 def _audit(event: str, args: tuple) -> None:
     if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
         OPENED.append(os.fsdecode(args[0]))
+
+
+def score_both_actors(cfg, out: Path):
+    """`score(cfg)` with the call that holds GATED held until a row comes from another actor than its own."""
+    from engine.scoring import score
+
+    gate = out.parent / "gate-spread"
+    hooks = gate_env(gate, GATED)
+    os.environ.update(hooks)  # the driver forwards MASHUP_TEST_* to the actors it starts
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(summary=score(cfg)))
+    job.start()
+    try:
+        held = wait_entered(gate, job.is_alive)
+
+        def other_actor_scored() -> bool:
+            log = out / "placement.jsonl"
+            lines = log.read_text().split("\n")[:-1] if log.exists() else []  # whole lines only
+            rows = [json.loads(line) for line in lines]
+            return any(row["pid"] != held["pid"] for row in rows)
+
+        wait_until(other_actor_scored, job.is_alive, "the second actor scored a batch")
+    finally:
+        release(gate)
+        job.join()
+        for key in hooks:
+            del os.environ[key]
+    return result["summary"]
 
 
 def main() -> None:
@@ -62,7 +98,7 @@ def main() -> None:
         t1 = time.monotonic()
         cfg = ScoreConfig(base=args.base, donors=args.donors, data=Path(args.data), out=out, samples=8,
                           donors_per_call=2, placement="spread", ray_address=cluster.address, **placement)
-        summary = score(cfg)
+        summary = score_both_actors(cfg, out) if name == "spread" else score(cfg)
         df = read_scores(out)
         placed = [json.loads(line) for line in (out / "placement.jsonl").read_text().splitlines()]
         result["jobs"][name] = {

@@ -1,7 +1,8 @@
 """Faults inside a scoring job on a real local Ray: a killed actor, a hung donor, donors that crash the backend.
 
-Each fault is real: the actor's process is SIGKILLed, the hang is the documented `MASHUP_TEST_HANG_DONOR` hook
-(a sleeping actor the driver must kill), and the crashes come from real donor files.
+Each fault is real: the actor's process is SIGKILLed (while the `MASHUP_TEST_GATE_DONOR` hook holds it inside a
+batch, so the kill lands mid-batch whatever the machine's speed), the hang is the documented
+`MASHUP_TEST_HANG_DONOR` hook (a sleeping actor the driver must kill), and the crashes come from real donor files.
 """
 from __future__ import annotations
 
@@ -9,13 +10,12 @@ import logging
 import os
 import signal
 import threading
-import time
 
-import psutil
 import pytest
 
 from engine.scoring import ScoreConfig, score
 from engine.scoring.store import read_scores
+from tests.reliability.gate import gate_env, release, wait_entered, wait_gone
 
 
 def run_job(tmp_path, donors, task_file, base_dir, **kw):
@@ -23,38 +23,28 @@ def run_job(tmp_path, donors, task_file, base_dir, **kw):
     return score(cfg), read_scores(cfg.out)
 
 
-def scoring_workers() -> list[psutil.Process]:
-    """This session's actor processes busy in `DonorScorer.score` (Ray titles a worker by its current call)."""
-    busy = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if "DonorScorer.score" in " ".join(proc.cmdline()):
-                busy.append(proc)
-        except psutil.Error:
-            continue
-    return busy
-
-
 @pytest.mark.slow
 def test_killed_actor_mid_batch_is_retried_and_every_donor_scored_once(
-    ray_local, tmp_path, many_donors, task_file, base_dir, caplog
+    ray_local, tmp_path, many_donors, task_file, base_dir, caplog, monkeypatch
 ):
+    """The actor is SIGKILLed while the gate hook holds it inside the batch with d04 (earlier batches are already
+    recorded), and the gate opens only once the process is gone: the kill lands mid-batch on any machine."""
     caplog.set_level(logging.WARNING, logger="mashup.score")
+    gate = tmp_path / "gate"
+    for name, value in gate_env(gate, "d04").items():
+        monkeypatch.setenv(name, value)
     result = {}
     job = threading.Thread(target=lambda: result.update(out=run_job(
         tmp_path, [many_donors], task_file, base_dir, samples=8, actors=1, donors_per_call=2)))
     job.start()
-    journal = tmp_path / "out" / "scores.journal.jsonl"
-    killed = None
-    deadline = time.monotonic() + 120
-    while killed is None and job.is_alive() and time.monotonic() < deadline:
-        busy = scoring_workers() if journal.exists() and journal.read_text().count("\n") >= 2 else []
-        if busy:
-            killed = busy[0].pid
-            os.kill(killed, signal.SIGKILL)
-        time.sleep(0.01)
-    job.join(300)
-    assert killed is not None, "the job finished before an actor could be killed mid-batch"
+    try:
+        entered = wait_entered(gate, job.is_alive)
+        os.kill(entered["pid"], signal.SIGKILL)
+        wait_gone(entered["pid"])
+    finally:
+        release(gate)
+        job.join(300)
+    assert "d04" in entered["donors"]
     summary, df = result["out"]
     assert summary.retries >= 1 and any("actor died while scoring" in r.message for r in caplog.records)
     assert summary.scored == 17 and summary.failed == 0, "a donor was scored twice or lost"

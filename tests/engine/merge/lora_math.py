@@ -60,3 +60,21 @@ def peft_weighted_adapter(base_dir: Path, donors: Sequence[Path], weights: Seque
 def factors_of_state(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     modules = {key.rsplit(".lora_", 1)[0] for key in state}
     return {m: (state[f"{m}.lora_A.weight"], state[f"{m}.lora_B.weight"]) for m in sorted(modules)}
+
+
+def linear_delta(base_dir: Path, donors: Sequence[Path], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """The `linear` merge's ΔW per module by its definition (docs/contracts.md, "Merge semantics"): with each donor's
+    scale folded into B, (Σ w_i s_i B_i)(Σ w_i A_i); s_i is PEFT's own per-module scale of donor i (its
+    alpha_pattern and rsLoRA applied), and a donor without a module adds zero to both sums. When every s_i is the
+    same s this is s (Σ w_i B_i)(Σ w_i A_i), the merge that keeps the donors' scale. Keys as peft_deltas names them."""
+    from tests.adapters import peft_scalings
+
+    sum_a: dict[str, torch.Tensor] = {}
+    sum_b: dict[str, torch.Tensor] = {}
+    for donor, weight in zip(donors, weights):
+        scales = peft_scalings(base_dir, donor)
+        for key, (a, b) in read_factors(donor).items():
+            module = key.removeprefix("base_model.model.")
+            sum_a[module] = sum_a.get(module, 0) + weight * a
+            sum_b[module] = sum_b.get(module, 0) + weight * scales[module] * b
+    return {m: sum_b[m] @ sum_a[m] for m in sum_a}
