@@ -89,7 +89,7 @@ def run_bigbench(cfg: BigBenchConfig, scale: str | None = None) -> Path:
     from bench.bench_recycling import run_trials
     from bench.bigbench_report import write_summary
     from bench.world.bigbench_build import build
-    from engine.ray_utils import ensure_ray
+    from engine.core.ray_utils import ensure_ray
     from engine.run import prepare
 
     build(cfg.build, cfg.world_path)

@@ -140,11 +140,14 @@ def target_rows(cfg, target: str, rc, fast_rc, world: dict, held: HeldOut) -> di
             "precision": _avg([float(family.get(p, (None,))[0] == info["family"]) for p in flat]) if flat else None,
             "group_share": _avg([float(family.get(p, (None, None))[1] == info["group"]) for p in flat]) if flat else None,
         })
-    from engine.scoring.store import read_scores
+    from engine.core.scores import BASE_ROW, read_scores
+    from engine.report import run_scope
+    from engine.selection import full_sample_rows
 
-    scores = read_scores(rc.out / "score")
+    # only this run's scope (its sample and pool), never whatever else the score folder holds
+    scores = full_sample_rows(read_scores(rc.out / "score"), rc.out / "score", run_scope(rc))[0]
     refused = scores[scores.status == "failed"][["donor", "error"]].drop_duplicates("donor")
-    pool = len(set(scores.donor) - {"__base__"})
+    pool = len(set(scores.donor) - {BASE_ROW})
     return {"family": info["family"], "generation": info["generation"], "choices": info["choices"], "metric": metric,
             "goal": goal, "rows": rows, "refused": refused.to_dict("records"), "pool": pool,
             "score_seconds": timings.get("score"), "fast_score_seconds": fast_t.get("score"),
