@@ -51,6 +51,29 @@ class BigBenchConfig(BenchConfig):
         description="score settings of the fast-selection arm, laid over `score` (None: no such arm)")
     fast_arm: str = Field("mashup-cascade", description="the fast arm: top-k by the run's select and merge sections")
     exact_match_margin: int = Field(4, ge=0, description="tokens decoded beyond the reference's length")
+    lr_seeds: int | None = Field(
+        None, ge=1, description="choose each arm's LR on the first N seeds, then train the other seeds at that LR only "
+                                "(None: every seed at every LR); a third fewer trials at 2 LRs x 3 seeds with N=1")
+
+    def lr_phase(self, rc: RunConfig) -> RunConfig:
+        """The LR-choosing phase of a run: every LR, the first `lr_seeds` seeds."""
+        if self.lr_seeds is None:
+            return rc
+        return rc.model_copy(update={"sweep": rc.sweep.model_copy(update={"seeds": rc.sweep.seeds[:self.lr_seeds]})})
+
+    def seed_phase(self, rc: RunConfig, metric: str) -> dict[str, RunConfig]:
+        """The rest of a run once its LR phase has finished: per arm, every seed at the LR chosen on the first
+        `lr_seeds` (bench/bigbench_report.best_lr, the rule the tables use)."""
+        from bench.bigbench_report import best_lr
+
+        if self.lr_seeds is None:
+            return {}
+        out = {}
+        for arm in rc.arms:
+            lr = best_lr(rc, arm, metric, self.lr_seeds, chosen_only=True)
+            out[arm.name] = rc.model_copy(update={"arms": [arm], "baseline": arm.name,
+                                                  "sweep": rc.sweep.model_copy(update={"lrs": [lr]})})
+        return out
 
     @property
     def world_path(self) -> Path:
@@ -87,7 +110,7 @@ def load_config(path: Path, overrides: list[str] = ()) -> BigBenchConfig:
 def run_bigbench(cfg: BigBenchConfig, scale: str | None = None) -> Path:
     """World → per-target prepare (main and fast) → Tune trials → held-out metrics → tables; returns the JSON."""
     from bench.bench_recycling import run_trials
-    from bench.bigbench_report import write_summary
+    from bench.bigbench_report import curve_metric, write_summary
     from bench.world.bigbench_build import build
     from engine.core.ray_utils import ensure_ray
     from engine.run import prepare
@@ -105,7 +128,12 @@ def run_bigbench(cfg: BigBenchConfig, scale: str | None = None) -> Path:
         prepare(main[t])
         if t in fast:
             prepare(fast[t])
-    run_trials(cfg, {**main, **{f"{t}@fast": rc for t, rc in fast.items()}})
+    runs = {**main, **{f"{t}@fast": rc for t, rc in fast.items()}}
+    run_trials(cfg, {name: cfg.lr_phase(rc) for name, rc in runs.items()})
+    if cfg.lr_seeds is not None:
+        tasks = cfg.world_json()["tasks"]
+        run_trials(cfg, {f"{name}/{arm}": sub for name, rc in runs.items()
+                         for arm, sub in cfg.seed_phase(rc, curve_metric(tasks[name.split("@")[0]])).items()})
     return write_summary(cfg, main, fast, scale)
 
 

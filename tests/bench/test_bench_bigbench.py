@@ -26,3 +26,10 @@ def test_ci_scale_completes_and_refuses_the_broken_donors(tmp_path, ray_local, m
     assert {x["donor"] for x in target["refused"]} == {f"broken/{k}" for k in ("nan", "shape", "pickle", "wrong_base")}
     assert all(r["heldout_final"]["exact_match"] is not None for r in target["rows"])  # a generation target
     assert "| scratch |" in (tmp_path / "bigbench_ci.md").read_text()
+    # lr_seeds 1: both LRs on seed 0, then seed 1 at each arm's chosen LR only
+    from engine.run_config import run_name
+
+    for r in target["rows"]:
+        (arm_dir,) = (tmp_path / "runs").glob(f"*/*/arms/{r['arm']}")
+        names = {p.name for p in (arm_dir / "runs").iterdir()}
+        assert names == {run_name(lr, 0) for lr in cfg.sweep.lrs} | {run_name(r["lr"], 1)}, r["arm"]
