@@ -127,7 +127,25 @@ def collect(cfg) -> dict[str, Any]:
 
     return {"metric": metric, "baseline": cfg.baseline, "target": target, "rows": rows, "timings": timings,
             "encoding": {**cfg.encoding(), "score_sample": _ranked_sample(cfg)}, "selections": selections,
-            "arms": arms, "scores": scores, "checkpoint_merge": report_rows(cfg, arms, rows)}
+            "arms": arms, "scores": scores, "checkpoint_merge": report_rows(cfg, arms, rows),
+            "resumed": resumed_runs(cfg)}
+
+
+def resumed_runs(cfg) -> list[dict[str, Any]]:
+    """Every finetune run that was killed and resumed (its log's `resume` rows): from which step, how many steps
+    the kill lost. Their wall-clock already counts the lost work (engine/finetune/resume.py)."""
+    from engine.finetune.outputs import LOG_JSONL, read_log
+    from engine.run_config import run_name
+
+    out = []
+    for arm in cfg.arms:
+        for lr in cfg.lrs():
+            for seed in cfg.sweep.seeds:
+                folder = cfg.run_dir(arm, lr, seed)
+                if (folder / LOG_JSONL).exists():
+                    out += [{"run": f"{arm.name}/{run_name(lr, seed)}", "from_step": r["step"],
+                             "lost_steps": r.get("lost_steps")} for r in read_log(folder) if r["event"] == "resume"]
+    return out
 
 
 def _ranked_sample(cfg) -> str | None:
@@ -282,6 +300,9 @@ def render(cfg, data: dict[str, Any], plots: list[Path]) -> str:
                    f"{_fmt(r['final'])} ± {_fmt(r['final_std'])} | {_fmt(r['final_loss'])} | {ho}{parity} | {secs} |")
     from engine.checkpoint_arm import render_rows
 
+    if data.get("resumed"):
+        out += ["", "Resumed after a kill (their wall-clock counts the lost steps): " + "; ".join(
+            f"`{r['run']}` from step {r['from_step']} ({r['lost_steps']} steps lost)" for r in data["resumed"]) + "."]
     out += ["", *render_rows(data.get("checkpoint_merge", [])),
             "## Wall-clock per stage", "", "| stage | seconds |", "|---|---|",
             *[f"| {k} | {v:.1f} |" for k, v in data["timings"].items()], "", "## Curves", "",

@@ -229,7 +229,9 @@ def check_finite(loss: float, step: int) -> None:
         raise DataError(f"training diverged: loss is {loss} at step {step} (lower lr, or check the data)")
 
 
-def iter_steps(total: int, show: bool, desc: str = "finetune") -> Iterator[int]:
+def iter_steps(total: int, show: bool, desc: str = "finetune", start: int = 0) -> Iterator[int]:
+    """Steps start+1 .. total (a resumed run starts after its saved step), with a progress bar."""
     from tqdm import tqdm
 
-    yield from tqdm(range(1, total + 1), desc=desc, unit="step", disable=not show, dynamic_ncols=True)
+    yield from tqdm(range(start + 1, total + 1), desc=desc, unit="step", disable=not show, dynamic_ncols=True,
+                    initial=start, total=total)

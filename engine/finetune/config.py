@@ -47,7 +47,8 @@ class FinetuneSettings(StrictModel):
     eval_every: int = Field(0, ge=0, description="0 = only at step 0 and at the end")
     eval_samples: int | None = Field(None, ge=1, description="seeded subset of the eval file")
     eval_batch_tokens: int = Field(8192, ge=64)
-    save_every: int = Field(0, ge=0, description="adapter checkpoints every N steps; 0 = final adapter only")
+    save_every: int = Field(0, ge=0, description="adapter checkpoints every N steps, and (single executor) the resumable "
+                                                 "state a killed run continues from; 0 = final adapter only")
 
     lora: LoraSettings = Field(default_factory=LoraSettings)
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)

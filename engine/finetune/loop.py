@@ -19,8 +19,9 @@ from engine.finetune.common import (
     iter_steps,
     micro_batch_loss,
 )
+from engine.finetune import resume
 from engine.finetune.config import FinetuneConfig
-from engine.finetune.outputs import ADAPTER_DIR, TrainLog, checkpoint_path, save_adapter
+from engine.finetune.outputs import ADAPTER_DIR, TrainLog, checkpoint_path, drop_checkpoints_after, save_adapter
 from engine.core.version import __version__
 
 AllSum = Callable[[torch.Tensor], torch.Tensor]
@@ -40,6 +41,11 @@ class Stepper(Protocol):
     def lr(self) -> float: ...
 
 
+def _resumable(stepper: Any, world_size: int) -> bool:
+    """The single executor's state is one process's; a DeepSpeed run's optimizer is partitioned over its workers."""
+    return world_size == 1 and hasattr(stepper, "optimizer") and hasattr(stepper, "scheduler")
+
+
 def train(
     cfg: FinetuneConfig,
     stepper: Stepper,
@@ -48,14 +54,23 @@ def train(
     rank: int = 0,
     world_size: int = 1,
     all_sum: AllSum = lambda t: t,
+    stop: resume.StopRequest | None = None,
 ) -> None:
-    """Train for `cfg.steps`; rank 0 writes the log, checkpoints and the final adapter under `cfg.out`."""
+    """Train for `cfg.steps`; rank 0 writes the log, checkpoints and the final adapter under `cfg.out`. A single-
+    process run resumes from a matching `<out>/state/` and saves one every `save_every` steps and on a stop request
+    (engine/finetune/resume.py)."""
     out = cfg.out_path
     is_main = rank == 0
-    log = TrainLog(out) if is_main else None
+    resumable = _resumable(stepper, world_size)
+    identity = cfg.identity() if is_main else {}
+    state = resume.load_state(out, identity) if resumable else None
+    if state is not None:
+        resume.restore(state, stepper.module, stepper.optimizer, stepper.scheduler)
+        drop_checkpoints_after(out, state.step)
+    start = state.step if state else 0
+    log = TrainLog(out, resume_step=start if state else None) if is_main else None
     plan = BatchPlan(data.train, cfg)
     pad_id = pad_token_id(tokenizer, stepper.module)
-    identity = cfg.identity() if is_main else {}
 
     def run_eval(step: int) -> None:
         if data.eval is None:
@@ -70,8 +85,12 @@ def train(
             info = {"step": step, "init": cfg.init, "engine_version": __version__, "config": cfg.model_dump(), **identity}
             save_adapter(stepper.module, path, info)
 
-    run_eval(0)
-    for step in iter_steps(cfg.steps, show=cfg.progress and is_main):
+    def save_state(step: int) -> None:
+        resume.save_state(out, step, stepper.module, stepper.optimizer, stepper.scheduler, identity)
+
+    if state is None:
+        run_eval(0)
+    for step in iter_steps(cfg.steps, show=cfg.progress and is_main, start=start):
         micro, n_tokens = plan.micro_batches(step, rank)
         lr = stepper.lr()
         nll = 0.0
@@ -88,6 +107,13 @@ def train(
             run_eval(step)
         if cfg.save_every and step % cfg.save_every == 0:
             save(checkpoint_path(out, step), step)
+            if resumable and step < cfg.steps:
+                save_state(step)
+        if stop is not None and stop.requested is not None and step < cfg.steps:
+            if resumable:
+                save_state(step)
+            raise resume.StoppedCleanly(stop.requested, step, out)
     save(out / ADAPTER_DIR, cfg.steps)
     if log:
         log.close()
+    resume.discard(out)

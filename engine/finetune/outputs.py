@@ -22,12 +22,24 @@ class TrainLog:
     `seconds` is wall-clock time since the training loop began (after the model loaded), so runs compare fairly.
     """
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, resume_step: int | None = None):
         self.out_dir = out_dir
         self.rows: list[dict[str, Any]] = []
         self.t0 = time.perf_counter()
         out_dir.mkdir(parents=True, exist_ok=True)
-        self._fh = (out_dir / LOG_JSONL).open("w", encoding="utf-8")
+        if resume_step is None:
+            self._fh = (out_dir / LOG_JSONL).open("w", encoding="utf-8")
+            return
+        # resumed: keep the rows up to the saved state; the clock goes on from the killed run's last row, so the
+        # steps it lost after that state count in the wall-clock (engine/finetune/resume.py)
+        old = read_log(out_dir) if (out_dir / LOG_JSONL).exists() else []
+        self.rows = [r for r in old if r["step"] <= resume_step]
+        lost = max((r["step"] for r in old if r["event"] == "train"), default=resume_step) - resume_step
+        self.t0 -= max((r["seconds"] for r in old), default=0.0)
+        with atomic_file(out_dir / LOG_JSONL) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self._fh = (out_dir / LOG_JSONL).open("a", encoding="utf-8")
+        self.write(resume_step, "resume", lost_steps=lost)
 
     def write(self, step: int, event: str, **fields: Any) -> dict[str, Any]:
         row = {"step": step, "event": event, "seconds": round(time.perf_counter() - self.t0, 4), **fields}
@@ -57,3 +69,14 @@ def save_adapter(model: Any, final: Path, info: dict[str, Any]) -> Path:
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
     return final
 
+
+
+def drop_checkpoints_after(out_dir: Path, step: int) -> None:
+    """A resumed run rewrites the checkpoints after its saved state; older ones from the killed run are removed."""
+    import shutil
+
+    folder = out_dir / CHECKPOINTS_DIR
+    for ckpt in folder.glob("step-*") if folder.is_dir() else []:
+        tail = ckpt.name[len("step-"):]
+        if tail.isdigit() and int(tail) > step:
+            shutil.rmtree(ckpt, ignore_errors=True)

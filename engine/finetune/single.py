@@ -13,6 +13,7 @@ from engine.core.device import resolve_device
 from engine.finetune.common import build_model, load_task, load_tokenizer, make_optimizer, max_length_of
 from engine.finetune.config import FinetuneConfig
 from engine.finetune.loop import train
+from engine.finetune.resume import StopRequest
 
 
 class SingleStepper:
@@ -44,4 +45,5 @@ def run_single(cfg: FinetuneConfig) -> None:
     tokenizer = load_tokenizer(cfg)
     model = build_model(cfg, dtype).to(device)
     data = load_task(cfg, tokenizer, max_length_of(model))
-    train(cfg, SingleStepper(cfg, model), tokenizer, data)
+    with StopRequest() as stop:
+        train(cfg, SingleStepper(cfg, model), tokenizer, data, stop=stop)
