@@ -109,6 +109,19 @@ def _avg(values: list[float | None]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def _chosen(rc, arm) -> dict[str, Any] | None:
+    """A choose arm's pick (engine/merge_choice.py): the candidate, its gain over the base, what the choice cost."""
+    from engine.run_config import CHOICE_FILE
+
+    path = rc.arm_dir(arm) / CHOICE_FILE
+    if arm.choose is None or not path.exists():
+        return None
+    c = json.loads(path.read_text())
+    best = c["candidates"][0] if c["candidates"] else {}
+    return {"chosen": c["chosen"], "best": best.get("name"), "gain": best.get("gain"),
+            "candidates": len(c["candidates"]), "seconds": c["seconds"]}
+
+
 def target_rows(cfg, target: str, rc, fast_rc, world: dict, held: HeldOut) -> dict[str, Any]:
     info = world["tasks"][target]
     metric = curve_metric(info)
@@ -132,8 +145,7 @@ def target_rows(cfg, target: str, rc, fast_rc, world: dict, held: HeldOut) -> di
             if sel and sel.exists():
                 picks.append([d["donor"] for d in json.loads(sel.read_text())["donors"]])
         flat = [p for ps in picks for p in ps]
-        inits = [r.merge_home(arm, s if s is not None else r.sweep.seeds[0]) / "merged" if arm.init == "merge" else None
-                 for s in r.sweep.seeds]
+        inits = [None if (i := r.init_adapter(arm, s)) is None else Path(i) for s in r.sweep.seeds]
         step0 = [held(i, r.eval, info["generation"]) for i in dict.fromkeys(inits)]
         final = [held(r.run_dir(arm, lr, s) / "adapter", r.eval, info["generation"]) for s in r.sweep.seeds]
         rows.append({
@@ -145,7 +157,7 @@ def target_rows(cfg, target: str, rc, fast_rc, world: dict, held: HeldOut) -> di
             "parity_step": step, "parity_pct": None if step is None else 100.0 * step / max(1, int(curve.index.max())),
             "overhead_seconds": overhead,
             "seconds_to_parity": None if step is None else overhead + float(curve.loc[step, "seconds"]),
-            "picks": picks,
+            "picks": picks, "chosen": _chosen(r, arm),
             "precision": _avg([float(family.get(p, (None,))[0] == info["family"]) for p in flat]) if flat else None,
             "group_share": _avg([float(family.get(p, (None, None))[1] == info["group"]) for p in flat]) if flat else None,
         })
@@ -241,6 +253,11 @@ def render(s: dict[str, Any]) -> str:
     for t, d in s["targets"].items():
         for r in d["rows"]:
             picks = "; ".join(", ".join(p) for p in r["picks"]) or "—"
+            if r.get("chosen"):
+                c = r["chosen"]
+                picks = (f"chose **{c['chosen']}** of {c['candidates']} candidates (best {c['best']}, "
+                         f"{_f(100 * c['gain'] if c['gain'] is not None else None, 0)}% of base loss removed, "
+                         f"{c['seconds']:.0f} s): {picks}")
             lines.append(f"| {t} | {r['arm']} | {r['lr']} | {_f(r['val_step0'][d['metric']])} → "
                          f"{_f(r['val_final'][d['metric']])} | {_f(r['heldout_step0']['exact_match'])} → "
                          f"{_f(r['heldout_final']['exact_match'])} | {_f(r['parity_pct'], 0)}% | "

@@ -75,8 +75,8 @@ def arm_role(cfg, spec) -> str:
     recycled arm can be credited with a gain from recycling."""
     from engine.merge.registry import NULL_CONTROLS
 
-    if spec.init != "merge":
-        return NO_DONORS
+    if spec.init != "merge" or (spec.choose is not None and cfg.init_adapter(spec, None) is None):
+        return NO_DONORS  # a choose arm that chose a fresh LoRA trains from no donor
     return NULL_CONTROL if cfg.merge_config(spec, cfg.draw_seeds(spec)[0]).method in NULL_CONTROLS else RECYCLED
 
 
@@ -124,11 +124,12 @@ def collect(cfg) -> dict[str, Any]:
             if a.init == "merge" and path.exists():
                 selections[a.name if seed is None else f"{a.name} (draw for seed {seed})"] = json.loads(path.read_text())
     from engine.checkpoint_arm import report_rows
+    from engine.merge_choice import read_choices
 
     return {"metric": metric, "baseline": cfg.baseline, "target": target, "rows": rows, "timings": timings,
             "encoding": {**cfg.encoding(), "score_sample": _ranked_sample(cfg)}, "selections": selections,
             "arms": arms, "scores": scores, "checkpoint_merge": report_rows(cfg, arms, rows),
-            "resumed": resumed_runs(cfg)}
+            "resumed": resumed_runs(cfg), "choices": read_choices(cfg)}
 
 
 def resumed_runs(cfg) -> list[dict[str, Any]]:
@@ -283,6 +284,9 @@ def render(cfg, data: dict[str, Any], plots: list[Path]) -> str:
                 "| donor | loss | token accuracy | weight |", "|---|---|---|---|",
                 *[f"| {d['donor']} | {_fmt(d['loss'])} | {_fmt(d.get('token_accuracy'))} | {_fmt(d['weight'])} |"
                   for d in sel["donors"]], ""]
+    from engine.merge_choice import render_choices
+
+    out += render_choices(data.get("choices", {}))
     held = "heldout" in data["rows"][0]
     out += ["## Results", "", f"Validation {m}, mean ± std over seeds at each arm's best LR. Parity: the first evaluation "
             f"at which the arm's mean reaches `{data['baseline']}`'s final value. Wall-clock to parity includes scoring and "

@@ -86,25 +86,10 @@ def finished_run(ft) -> bool:
     return True
 
 
-def _merge_is_current(arm_dir: Path, merge_cfg) -> bool:
-    """The merged adapter's key (method, every option, each donor's name, weight and scored content) equals the
-    key of what the selection asks for now; engine.merge.streaming.merge_key defines it."""
-    from engine.merge.streaming import MERGE_INFO_FILE, merge_key
-    from engine.selection import Selection
-
-    info, sel = arm_dir / "merged" / MERGE_INFO_FILE, arm_dir / "selection.json"
-    if not (info.exists() and sel.exists()):
-        return False
-    chosen = Selection.read(sel).donors
-    if any(d.fingerprint is None for d in chosen):
-        return False  # scores without content fingerprints: merge again rather than trust the old one
-    want = merge_key(merge_cfg, [d.donor for d in chosen], [d.weight for d in chosen], [d.fingerprint for d in chosen])
-    return json.loads(info.read_text()).get("key") == want
-
-
 def prepare(cfg: RunConfig) -> Timings:
     """Validate, score the pool once, then select and merge per arm: everything the finetune runs start from."""
-    from engine.merge.streaming import merge_with_config
+    from engine.merge.streaming import merge_is_current, merge_with_config
+    from engine.merge_choice import choose_merge
     from engine.scoring import score
     from engine.selection import select_with_config
 
@@ -130,11 +115,16 @@ def prepare(cfg: RunConfig) -> Timings:
     for arm in cfg.arms:
         if arm.init != "merge":
             continue
+        if arm.choose is not None:
+            t0 = time.perf_counter()
+            if choose_merge(cfg, arm, scope):
+                timings.set(cfg.merge_timing_key(arm.name, None), time.perf_counter() - t0)
+            continue
         for seed in cfg.draw_seeds(arm):
             t0 = time.perf_counter()
             select_with_config(cfg.select_config(arm, seed).model_copy(update=scope))
             merge_cfg = cfg.merge_config(arm, seed)
-            if not _merge_is_current(cfg.merge_home(arm, seed), merge_cfg):
+            if not merge_is_current(merge_cfg):
                 merge_with_config(merge_cfg)
                 timings.set(cfg.merge_timing_key(arm.name, seed), time.perf_counter() - t0)
     return timings

@@ -8,6 +8,7 @@ reuses `RunPlan` rather than re-declaring these sections.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,9 +28,28 @@ def given(section: BaseModel | None) -> dict[str, Any]:
     return section.model_dump(exclude_unset=True) if section is not None else {}
 
 
+CHOICE_FILE = "choice.json"  # an arm's chosen merge (engine/merge_choice.py): every candidate, its loss, the pick
+
+
+class ChooseSettings(StrictModel):
+    """An arm that chooses its merge (engine/merge_choice.py): candidate merges of its top donors, each scored
+    exactly on the run's sample like one more donor; the best by the select metric is kept, and a fresh LoRA when
+    even the best removes less than `min_gain` of the base's sample loss."""
+
+    ks: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 2, 3, 4], min_length=1,
+                                                  description="how many of the top donors each candidate merges")
+    methods: list[Literal["linear", "cat"]] = Field(default_factory=lambda: ["linear", "cat"], min_length=1)
+    weightings: list[Literal["uniform", "mwa"]] = Field(default_factory=lambda: ["uniform", "mwa"], min_length=1)
+    min_gain: float = Field(0.2, ge=0, lt=1, description="the share of the base's sample loss the chosen merge "
+                                                         "must remove; below it the arm starts from a fresh LoRA")
+    allow_none: bool = Field(True, description="false: always finetune from the best candidate, however little it gains")
+
+
 class ArmSpec(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
     init: Literal["merge", "none"] = "merge"
+    choose: ChooseSettings | None = Field(None, description="choose the merge among candidates scored on the sample "
+                                                             "(k, method, weighting, or none), not only the donors")
     select: SelectSettings = Field(default_factory=SelectSettings, description="overrides of the run's select section")
     merge: MergeSettings = Field(default_factory=MergeSettings, description="overrides of the run's merge section")
     checkpoint_merge: CheckpointMergeSpec | None = Field(
@@ -39,6 +59,21 @@ class ArmSpec(StrictModel):
     def _only_given(self, section: BaseModel) -> dict[str, Any]:
         """Overrides are what the user set: a dumped arm read back must not override the run with defaults."""
         return given(section)
+
+    @model_validator(mode="after")
+    def _choose_fits(self) -> "ArmSpec":
+        """Candidates are merges of the top donors with their own methods and weightings: nothing else to choose."""
+        if self.choose is None:
+            return self
+        if self.init != "merge":
+            raise ValueError("choose: needs init: merge (it chooses among merges of the donors, or none)")
+        for field in ("strategy", "k", "weighting"):
+            if field in self.select.model_fields_set and not (field == "strategy" and self.select.strategy == "top-k"):
+                raise ValueError(f"select.{field}: a choose arm ranks top-k and takes k and weighting from choose.ks "
+                                 "and choose.weightings; drop the override")
+        if "method" in self.merge.model_fields_set:
+            raise ValueError("merge.method: a choose arm takes its methods from choose.methods; drop the override")
+        return self
 
 
 class SweepSpec(StrictModel):
@@ -155,9 +190,19 @@ class RunConfig(RunPlan):
         """The seeds an arm selects and merges for: every run seed for a per-seed draw, else one shared merge."""
         return list(self.sweep.seeds) if self.draws_per_seed(arm) else [None]
 
+    def init_adapter(self, arm: ArmSpec, seed: int | None) -> str | None:
+        """What an arm finetunes from: its merged adapter, nothing for init: none, and for a choose arm what its
+        choice.json picked (None before it has chosen, or when it chose a fresh LoRA)."""
+        if arm.init != "merge":
+            return None
+        if arm.choose is None:
+            return str(self.merge_home(arm, seed) / "merged")
+        choice = self.arm_dir(arm) / CHOICE_FILE
+        return json.loads(choice.read_text()).get("init") if choice.exists() else None
+
     def finetune_config(self, arm: ArmSpec, lr: float | None, seed: int):
         fixed = {"base": self.base, "data": str(self.train), "eval": str(self.val) if self.val else None,
-                 "init": str(self.merge_home(arm, seed) / "merged") if arm.init == "merge" else None, "seed": seed,
+                 "init": self.init_adapter(arm, seed), "seed": seed,
                  "out": str(self.run_dir(arm, lr, seed)), **self.encoding()}
         if lr is not None:
             fixed["lr"] = lr
@@ -193,7 +238,10 @@ class RunConfig(RunPlan):
         score = self.score_config()
         for arm in self.arms:
             if arm.init == "merge":
-                self._check_cascade(score, arm, self.select_config(arm, self.sweep.seeds[0]))
+                select = self.select_config(arm, self.sweep.seeds[0])
+                if arm.choose is not None:
+                    select = select.model_copy(update={"k": max(arm.choose.ks)})
+                self._check_cascade(score, arm, select)
                 self.merge_config(arm, self.sweep.seeds[0])
             for lr in self.lrs():
                 ft = self.finetune_config(arm, lr, self.sweep.seeds[0])

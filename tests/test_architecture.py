@@ -125,7 +125,7 @@ LAYERS = {
     "engine.merge": "merge",
     "engine.finetune": "finetune", "engine.evaluate": "finetune",
     **{f"engine.{top}": "top" for top in ("run", "run_config", "report", "analysis", "checkpoints", "checkpoint_arm",
-                                          "freeze", "cli", "commands", "api")},
+                                          "merge_choice", "freeze", "cli", "commands", "api")},
 }
 STAGES = ("scoring", "selection", "merge", "finetune")
 # Each layer may import the core and itself; the scoring stage also `actors/` (to launch actors and validate backend

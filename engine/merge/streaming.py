@@ -6,6 +6,7 @@ one group (about one adapter in float32), whatever the number of donors.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -185,6 +186,23 @@ def stream_modules(donors: Sequence[Donor], weights: Sequence[float], method: Me
                     raise MashupError(f"merged module {module.name} is not finite: a donor holds NaN/Inf weights")
                 writer.write(module.a_key, lora_A)
                 writer.write(module.b_key, lora_B)
+
+
+def merge_is_current(config: MergeConfig) -> bool:
+    """The adapter at `config.out` was merged from what `config.selection` asks for now: its key (method, every
+    option, each donor's name, weight and scored content) equals merge_key of the selection's donors."""
+    from engine.core.selection_file import Selection
+
+    if config.out is None or config.selection is None:
+        return False
+    info = Path(config.out) / MERGE_INFO_FILE
+    if not (info.exists() and Path(config.selection).exists()):
+        return False
+    chosen = Selection.read(config.selection).donors
+    if any(d.fingerprint is None for d in chosen):
+        return False  # scores without content fingerprints: merge again rather than trust the old one
+    want = merge_key(config, [d.donor for d in chosen], [d.weight for d in chosen], [d.fingerprint for d in chosen])
+    return json.loads(info.read_text()).get("key") == want
 
 
 def merge_with_config(config: MergeConfig) -> Path:
