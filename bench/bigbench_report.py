@@ -109,17 +109,25 @@ def _avg(values: list[float | None]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def _chosen(rc, arm) -> dict[str, Any] | None:
-    """A choose arm's pick (engine/merge_choice.py): the candidate, its gain over the base, what the choice cost."""
+def _chosen(rc, arm, held: "HeldOut", generation: bool) -> dict[str, Any] | None:
+    """A choose arm's pick (engine/merge_choice.py): the candidate, its gain over the base, what the choice cost, and
+    whether the held-out rows (never seen by scoring) would have picked the same: each candidate and a fresh LoRA
+    (the base) evaluated on them, the best by held-out loss. Agreement says the choice on the scoring sample is not
+    biased by that sample having also ranked the donors."""
     from engine.run_config import CHOICE_FILE
 
     path = rc.arm_dir(arm) / CHOICE_FILE
     if arm.choose is None or not path.exists():
         return None
     c = json.loads(path.read_text())
+    adapters = path.parent / "candidates" / "adapters"
+    heldout = {x["name"]: held(adapters / x["name"], rc.eval, generation)["loss"] for x in c["candidates"]}
+    heldout["none"] = held(None, rc.eval, generation)["loss"]
+    best_heldout = min(heldout, key=lambda n: (heldout[n], n))
     best = c["candidates"][0] if c["candidates"] else {}
     return {"chosen": c["chosen"], "best": best.get("name"), "gain": best.get("gain"),
-            "candidates": len(c["candidates"]), "seconds": c["seconds"]}
+            "candidates": len(c["candidates"]), "seconds": c["seconds"], "heldout_loss": heldout,
+            "heldout_best": best_heldout, "agrees_with_heldout": best_heldout == c["chosen"]}
 
 
 def target_rows(cfg, target: str, rc, fast_rc, world: dict, held: HeldOut) -> dict[str, Any]:
@@ -157,7 +165,7 @@ def target_rows(cfg, target: str, rc, fast_rc, world: dict, held: HeldOut) -> di
             "parity_step": step, "parity_pct": None if step is None else 100.0 * step / max(1, int(curve.index.max())),
             "overhead_seconds": overhead,
             "seconds_to_parity": None if step is None else overhead + float(curve.loc[step, "seconds"]),
-            "picks": picks, "chosen": _chosen(r, arm),
+            "picks": picks, "chosen": _chosen(r, arm, held, info["generation"]),
             "precision": _avg([float(family.get(p, (None,))[0] == info["family"]) for p in flat]) if flat else None,
             "group_share": _avg([float(family.get(p, (None, None))[1] == info["group"]) for p in flat]) if flat else None,
         })
@@ -257,11 +265,23 @@ def render(s: dict[str, Any]) -> str:
                 c = r["chosen"]
                 picks = (f"chose **{c['chosen']}** of {c['candidates']} candidates (best {c['best']}, "
                          f"{_f(100 * c['gain'] if c['gain'] is not None else None, 0)}% of base loss removed, "
-                         f"{c['seconds']:.0f} s): {picks}")
+                         f"{c['seconds']:.0f} s; held-out loss would pick {c['heldout_best']}): {picks}")
             lines.append(f"| {t} | {r['arm']} | {r['lr']} | {_f(r['val_step0'][d['metric']])} → "
                          f"{_f(r['val_final'][d['metric']])} | {_f(r['heldout_step0']['exact_match'])} → "
                          f"{_f(r['heldout_final']['exact_match'])} | {_f(r['parity_pct'], 0)}% | "
                          f"{_f(r['seconds_to_parity'], 1)} | {picks} |")
+    chosen = [(t, r["chosen"]) for t, d in s["targets"].items() for r in d["rows"] if r.get("chosen")]
+    if chosen:
+        agree = sum(c["agrees_with_heldout"] for _, c in chosen)
+        lines += ["", "### The merge chosen on the sample", "", f"The held-out rows (never scored) pick the same candidate "
+                  f"on {agree} of {len(chosen)} targets.", "", "| target | chosen | share of base loss removed | "
+                  "held-out loss of the chosen / of the held-out pick | held-out pick | candidates | seconds |",
+                  "|---|---|---|---|---|---|---|"]
+        for t, c in chosen:
+            gain = "—" if c["gain"] is None else f"{100 * c['gain']:.0f}%"
+            lines.append(f"| {t} | {c['chosen']} | {gain} | {_f(c['heldout_loss'][c['chosen']])} / "
+                         f"{_f(c['heldout_loss'][c['heldout_best']])} | {c['heldout_best']} | {c['candidates']} | "
+                         f"{c['seconds']:.0f} |")
     lines += ["", "### Refused donors (the run carried on)", ""]
     for t, d in s["targets"].items():
         lines += [f"- {t}: " + "; ".join(f"`{x['donor']}`: {x['error']}" for x in d["refused"])]

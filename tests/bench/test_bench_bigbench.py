@@ -33,3 +33,9 @@ def test_ci_scale_completes_and_refuses_the_broken_donors(tmp_path, ray_local, m
         (arm_dir,) = (tmp_path / "runs").glob(f"*/*/arms/{r['arm']}")
         names = {p.name for p in (arm_dir / "runs").iterdir()}
         assert names == {run_name(lr, 0) for lr in cfg.sweep.lrs} | {run_name(r["lr"], 1)}, r["arm"]
+    # the choose arm: every candidate and a fresh LoRA evaluated on the held-out rows, beside the pick made on the sample
+    (choose,) = [r["chosen"] for r in target["rows"] if r["arm"] == "choose"]
+    choice = json.loads(next((tmp_path / "runs").glob("*/*/arms/choose/choice.json")).read_text())
+    assert set(choose["heldout_loss"]) == {c["name"] for c in choice["candidates"]} | {"none"}
+    assert choose["chosen"] == choice["chosen"] and choose["heldout_best"] in choose["heldout_loss"]
+    assert "### The merge chosen on the sample" in (tmp_path / "bigbench_ci.md").read_text()
