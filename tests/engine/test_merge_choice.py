@@ -163,7 +163,11 @@ def test_no_candidate_worth_it_starts_from_a_fresh_lora_and_trains_like_scratch(
     assert "Merge chosen for `choose`: none" in report and "none (fresh LoRA)" in report
     results = json.loads((cfg.out / "results.json").read_text())
     assert results["choices"]["choose"]["chosen"] == "none"
-    assert next(r for r in results["rows"] if r["arm"] == "choose")["role"] == "no donors"
+    row = next(r for r in results["rows"] if r["arm"] == "choose")
+    assert row["role"] == "no donors"
+    timings = json.loads((cfg.out / "timings.json").read_text())
+    assert timings["select+merge:choose"] > 0, "the choice's seconds count against the arm, even choosing a fresh LoRA"
+    assert row["overhead_seconds"] == pytest.approx(timings["score"] + timings["select+merge:choose"])
 
 
 def test_allow_none_false_keeps_the_best_candidate_and_a_rerun_recomputes_nothing(chooser, tmp_path):
