@@ -102,7 +102,9 @@ def prepare(cfg: RunConfig) -> Timings:
     if any(a.init == "merge" for a in cfg.arms):
         t0 = time.perf_counter()
         summary = score(cfg.score_config())
-        if summary.scored or summary.failed:  # rows were written: work towards this sample's scores
+        # New rows: work towards this sample's scores. Donors that only failed again (a broken file is retried on
+        # every rerun) add nothing to the results, so their retry is not added to what the results cost.
+        if summary.scored or (summary.failed and not summary.skipped_done):
             timings.add("score", time.perf_counter() - t0, summary.sample_id)
         else:
             timings.use("score", summary.sample_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,23 @@ def test_a_rerun_after_any_change_equals_a_fresh_run(paths, tmp_path):
         rerun = outcome(run(run_config(state, tmp_path / "run", paths)))
         fresh = outcome(run(run_config(state, tmp_path / f"fresh{i}", paths)))
         assert rerun == fresh, f"after change {i} ({change.__name__}): {state}"
+
+
+def test_a_rerun_that_only_retries_a_broken_donor_leaves_the_scoring_time_alone(paths, tmp_path):
+    """A broken donor is retried on every rerun and fails again; that retry adds no row to the results, so the
+    scoring seconds behind them (and every wall-clock to parity) stay those of the first run."""
+    from safetensors.torch import load_file, save_file
+
+    state = copy.deepcopy(START)
+    lay_pool(paths, state["donors"])
+    pool: Path = paths["pool"]
+    shutil.rmtree(pool / "nan", ignore_errors=True)
+    shutil.copytree(pool / "d0", pool / "nan")
+    weights = pool / "nan" / "adapter_model.safetensors"
+    save_file({k: v * float("nan") for k, v in load_file(weights).items()}, weights)
+    write_manifest(pool, sorted(state["donors"]) + ["nan"])
+    out = run(run_config(state, tmp_path / "run", paths))
+    first = json.loads((out / "timings.json").read_text())["score"]
+    assert json.loads((out / "results.json").read_text())["rows"]
+    run(run_config(state, tmp_path / "run", paths))
+    assert json.loads((out / "timings.json").read_text())["score"] == first
