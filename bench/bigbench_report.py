@@ -114,14 +114,13 @@ def _chosen(rc, arm, held: "HeldOut", generation: bool) -> dict[str, Any] | None
     whether the held-out rows (never seen by scoring) would have picked the same: each candidate and a fresh LoRA
     (the base) evaluated on them, the best by held-out loss. Agreement says the choice on the scoring sample is not
     biased by that sample having also ranked the donors."""
-    from engine.run_config import CHOICE_FILE
+    from engine.merge_choice import candidate_adapter, read_choices
 
-    path = rc.arm_dir(arm) / CHOICE_FILE
-    if arm.choose is None or not path.exists():
+    c = read_choices(rc).get(arm.name)
+    if c is None:
         return None
-    c = json.loads(path.read_text())
-    adapters = path.parent / "candidates" / "adapters"
-    heldout = {x["name"]: held(adapters / x["name"], rc.eval, generation)["loss"] for x in c["candidates"]}
+    heldout = {x["name"]: held(candidate_adapter(rc, arm, x["name"]), rc.eval, generation)["loss"]
+               for x in c["candidates"]}
     heldout["none"] = held(None, rc.eval, generation)["loss"]
     best_heldout = min(heldout, key=lambda n: (heldout[n], n))
     best = c["candidates"][0] if c["candidates"] else {}

@@ -52,44 +52,48 @@ def candidate_plan(settings: ChooseSettings, ranked: int) -> list[Candidate]:
     return plan
 
 
-def candidates_dir(cfg: RunConfig, arm: ArmSpec) -> Path:
-    return cfg.arm_dir(arm) / CANDIDATES
+def candidate_adapter(cfg: RunConfig, arm: ArmSpec, name: str) -> Path:
+    """Where a candidate's merged adapter lives: the one place that names the layout (the benchmark reads it too)."""
+    return cfg.arm_dir(arm) / CANDIDATES / "adapters" / name
 
 
-def build_candidates(cfg: RunConfig, arm: ArmSpec, scope: dict[str, Any]) -> tuple[list[Candidate], int]:
-    """Select and merge every candidate (a merge whose selection is unchanged by content is kept); returns the plan
-    and how many merges were redone. Folders of candidates the plan no longer names are removed."""
-    from engine.merge.streaming import merge_with_config
-    from engine.merge.streaming import merge_is_current
+def candidate_selection(cfg: RunConfig, arm: ArmSpec, name: str) -> Path:
+    return cfg.arm_dir(arm) / CANDIDATES / "selections" / f"{name}.json"
+
+
+def build_candidates(cfg: RunConfig, arm: ArmSpec, scope: dict[str, Any]) -> tuple[list[Candidate], dict, int]:
+    """Select and merge every candidate (a merge whose selection is unchanged by content is kept); returns the plan,
+    each candidate's Selection and how many merges were redone. Candidates the plan no longer names are removed."""
+    from engine.merge.streaming import merge_is_current, merge_with_config
     from engine.selection import select_with_config
 
-    home = candidates_dir(cfg, arm)
     base_select = cfg.select_config(arm).model_copy(update={**scope, "out": None})
     ranked = select_with_config(base_select.model_copy(update={"k": max(arm.choose.ks)})).k
     plan = candidate_plan(arm.choose, ranked)
-    redone = 0
+    selections, redone = {}, 0
     for c in plan:
-        selection = home / "selections" / f"{c.name}.json"
-        select_with_config(base_select.model_copy(update={"k": c.k, "weighting": c.weighting, "out": selection}))
-        merge_cfg = cfg.merge_config(arm).model_copy(update={"selection": selection, "method": c.method,
-                                                             "out": home / "adapters" / c.name})
+        path = candidate_selection(cfg, arm, c.name)
+        selections[c.name] = select_with_config(base_select.model_copy(update={"k": c.k, "weighting": c.weighting,
+                                                                                "out": path}))
+        merge_cfg = cfg.merge_config(arm).model_copy(update={"selection": path, "method": c.method,
+                                                             "out": candidate_adapter(cfg, arm, c.name)})
         if not merge_is_current(merge_cfg):
             merge_with_config(merge_cfg)
             redone += 1
-    names = {c.name for c in plan}
-    for folder, suffix in ((home / "adapters", ""), (home / "selections", ".json")):
-        for stale in (p for p in folder.iterdir() if p.name.removesuffix(suffix) not in names) if folder.exists() else ():
+    keep = {candidate_adapter(cfg, arm, c.name) for c in plan} | {candidate_selection(cfg, arm, c.name) for c in plan}
+    for folder in (candidate_adapter(cfg, arm, "x").parent, candidate_selection(cfg, arm, "x").parent):
+        for stale in (p for p in folder.iterdir() if p not in keep) if folder.exists() else ():
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    return plan, redone
+    return plan, selections, redone
 
 
 def score_candidates(cfg: RunConfig, arm: ArmSpec, plan: list[Candidate], sample_id: str):
     """Score every candidate exactly, with the run's backend, on the run's sample, into the candidates' own store."""
     from engine.scoring import score
 
-    home = candidates_dir(cfg, arm)
     score_cfg = cfg.score_config().model_copy(update={
-        "donors": [str(home / "adapters" / c.name) for c in plan], "out": home / "score", "strategy": "exhaustive"})
+        "donors": [str(candidate_adapter(cfg, arm, c.name)) for c in plan], "out": cfg.arm_dir(arm) / CANDIDATES / "score",
+        "strategy": "exhaustive"})
     summary = score(score_cfg)
     if summary.sample_id != sample_id:  # the same data, samples, seed, base and encoding must give the same sample
         raise DataError(f"arms.{arm.name}: the candidates were scored on sample {summary.sample_id}, the donors on "
@@ -97,17 +101,17 @@ def score_candidates(cfg: RunConfig, arm: ArmSpec, plan: list[Candidate], sample
     return summary
 
 
-def decide(ranked: list[dict[str, Any]], base_loss: float | None, settings: ChooseSettings) -> tuple[str, str]:
-    """(chosen name, why). `ranked` is best first by the select metric; the best is kept unless it removes less
-    than `min_gain` of the base's sample loss, in which case the arm starts from a fresh LoRA (`none`)."""
+def decide(ranked: list[dict[str, Any]], settings: ChooseSettings) -> tuple[str, str]:
+    """(chosen name, why). `ranked` is best first by the select metric, each with its `gain` (the share of the
+    base's sample loss it removes, None without a base loss); the best is kept unless its gain is under
+    `min_gain`, in which case the arm starts from a fresh LoRA (`none`)."""
     if not ranked:
         if settings.allow_none:
             return NONE, "no candidate merge scored ok"
         raise DataError("choose: no candidate merge scored ok and allow_none is false")
-    best = ranked[0]
-    if base_loss is None or not base_loss > 0:
+    best, gain = ranked[0], ranked[0]["gain"]
+    if gain is None:
         return best["name"], "best candidate by the select metric (no base loss to compare with)"
-    gain = (base_loss - best["loss"]) / base_loss
     if settings.allow_none and gain < settings.min_gain:
         return NONE, (f"the best candidate {best['name']} removes {100 * gain:.1f}% of the base's sample loss, "
                       f"less than min_gain {100 * settings.min_gain:.0f}%: a fresh LoRA")
@@ -117,31 +121,30 @@ def decide(ranked: list[dict[str, Any]], base_loss: float | None, settings: Choo
 def choose_merge(cfg: RunConfig, arm: ArmSpec, scope: dict[str, Any]) -> bool:
     """Build, score and choose an arm's merge; writes choice.json (and the chosen selection.json). Returns whether
     anything was recomputed (so the arm's select+merge seconds are the cost of what it holds now)."""
-    from engine.core.selection_file import Selection
     from engine.selection import SelectConfig, select_with_config
 
     t0 = time.perf_counter()
-    plan, redone = build_candidates(cfg, arm, scope)
+    plan, selections, redone = build_candidates(cfg, arm, scope)
     summary = score_candidates(cfg, arm, plan, scope["sample"])
-    home, metric = candidates_dir(cfg, arm), cfg.select_config(arm).metric
-    scored = select_with_config(SelectConfig(scores=home / "score", sample=summary.sample_id, pool=summary.pool,
+    metric = cfg.select_config(arm).metric
+    scored = select_with_config(SelectConfig(scores=summary.out, sample=summary.sample_id, pool=summary.pool,
                                              strategy="all", metric=metric))
     by_name = {c.name: c for c in plan}
     rows = []
     for rank, d in enumerate(scored.donors):
-        sel = Selection.read(home / "selections" / f"{d.donor}.json")
+        sel = selections[d.donor]
         gain = None if not scored.base_loss else (scored.base_loss - d.loss) / scored.base_loss
         rows.append({**asdict(by_name[d.donor]), "rank": rank + 1, "loss": d.loss, "token_accuracy": d.token_accuracy,
                      "gain": gain, "fingerprint": d.fingerprint, "donors": [x.donor for x in sel.donors],
                      "weights": [x.weight for x in sel.donors]})
     failed = sorted(set(by_name) - {r["name"] for r in rows})
-    chosen, why = decide(rows, scored.base_loss, arm.choose)
-    init = None if chosen == NONE else str(home / "adapters" / chosen)
+    chosen, why = decide(rows, arm.choose)
+    init = None if chosen == NONE else str(candidate_adapter(cfg, arm, chosen))
     arm_selection = cfg.arm_dir(arm) / "selection.json"
     if chosen == NONE:
         arm_selection.unlink(missing_ok=True)  # no donors are merged into this arm's init
     else:
-        atomic_write_text(arm_selection, (home / "selections" / f"{chosen}.json").read_text())
+        selections[chosen].write(arm_selection)
     record = {"arm": arm.name, "metric": metric, "sample_id": summary.sample_id, "pool": summary.pool,
               "base_loss": scored.base_loss, "min_gain": arm.choose.min_gain, "allow_none": arm.choose.allow_none,
               "chosen": chosen, "why": why, "init": init, "candidates": rows, "failed": failed,
