@@ -192,3 +192,26 @@ def test_choose_refuses_overrides_it_would_ignore():
         ArmSpec.model_validate({"name": "a", "choose": {}, "select": {"k": 3}})
     with pytest.raises(ValueError, match="merge.method"):
         ArmSpec.model_validate({"name": "a", "choose": {}, "merge": {"method": "ties"}})
+
+
+def test_a_donor_changed_in_place_remerges_and_rescores_its_candidates_like_a_fresh_folder(chooser, tmp_path):
+    """Same donor ids, new content: every candidate built on it is merged and scored again, and the choice equals
+    what a fresh folder makes of the new pool."""
+    from engine.run import RunConfig, prepare
+
+    pool_dir = tmp_path / "pool"
+    shutil.copytree(pool(chooser, "merge-better").parent, pool_dir)
+    manifest = pool_dir / "manifest.jsonl"
+    cfg = RunConfig.model_validate(config(chooser, tmp_path / "run", manifest))
+    prepare(cfg)
+    before = json.loads((cfg.arm_dir(cfg.arms[0]) / "choice.json").read_text())
+    shutil.copy(pool_dir / "noisy-plus" / "adapter_model.safetensors", pool_dir / "noisy-minus" / "adapter_model.safetensors")
+    prepare(cfg)
+    again = json.loads((cfg.arm_dir(cfg.arms[0]) / "choice.json").read_text())
+    assert again["merged_now"] == len(again["candidates"]) and again["scored_now"] == len(again["candidates"])
+    assert losses(again) != losses(before)
+    fresh_cfg = RunConfig.model_validate(config(chooser, tmp_path / "fresh", manifest))
+    prepare(fresh_cfg)
+    fresh = json.loads((fresh_cfg.arm_dir(fresh_cfg.arms[0]) / "choice.json").read_text())
+    assert again["chosen"] == fresh["chosen"]
+    assert losses(again) == pytest.approx(losses(fresh), abs=1e-9)
