@@ -101,7 +101,8 @@ class DonorScorer:
         self.validation = validation
         self.fetch_workers = fetch_workers
         self.rebuilds = 0
-        self.where = {"node": self.node(), "host": socket.gethostname(), "pid": os.getpid()}
+        self.where = {"node": self.node(), "host": socket.gethostname(), "pid": os.getpid(),
+                      "threads": torch.get_num_threads()}
 
     def pid(self) -> int:
         return os.getpid()

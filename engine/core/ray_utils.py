@@ -26,3 +26,17 @@ def cluster_has_gpus() -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def actor_cpus(requested: float | str, actors: int) -> float:
+    """CPUs each scoring actor reserves (and so its torch threads). `auto` gives the actors the cluster's CPUs: each
+    gets an equal share of the total, at least 1, and never more than the smallest node holds, so every actor can
+    be placed. A fixed default of 1 left a 2-core machine's single actor scoring on one thread, at half speed."""
+    import ray
+
+    if requested != "auto":
+        return float(requested)
+    per_node = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+    if not per_node:
+        return 1.0
+    return float(max(1, min(int(min(per_node)), int(sum(per_node)) // max(1, actors))))

@@ -36,7 +36,10 @@ class ScoreSettings(StrictModel):
     backend: str = "hf"
     backend_options: dict[str, Any] = Field(default_factory=dict)
     actors: int = Field(1, ge=1)
-    cpus_per_actor: float = Field(1.0, gt=0)
+    cpus_per_actor: float | Literal["auto"] = Field(
+        "auto", description="CPUs each actor reserves, and its torch threads. auto: executor local uses this "
+        "process's threads (torch.get_num_threads); Ray actors share the cluster's CPUs equally, at least 1 each and "
+        "at most the smallest node's")
     gpus_per_actor: float | Literal["auto"] = "auto"
     placement: Literal["pack", "spread"] = "spread"
     donors_per_call: int = Field(8, ge=1, description="donors per actor call (and per mixed forward)")
@@ -82,6 +85,13 @@ class ScoreSettings(StrictModel):
             raise ValueError(f"executor: local runs one scorer in this process, so {', '.join(clash)} cannot apply; "
                              "remove them or use executor: ray")
         return self
+
+    @field_validator("cpus_per_actor")
+    @classmethod
+    def _positive_cpus(cls, v: float | str) -> float | str:
+        if v != "auto" and v <= 0:
+            raise ValueError("cpus_per_actor must be positive, or auto")
+        return v
 
     @field_validator("samples", mode="before")
     @classmethod

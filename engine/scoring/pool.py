@@ -24,7 +24,7 @@ from actors.scorer import FAULT_HOOK_PREFIX, DonorScorer, ScoreTask, result_row
 from engine.core.donor import DonorEntry
 from engine.core.errors import MashupError
 from engine.core.scores import BASE_ROW as BASE, set_fields
-from engine.core.ray_utils import WORKER_ENV, cluster_has_gpus, ensure_ray
+from engine.core.ray_utils import WORKER_ENV, actor_cpus, cluster_has_gpus, ensure_ray
 
 log = logging.getLogger("mashup.score")
 WAIT_WARN_S = 60.0
@@ -72,9 +72,10 @@ class ActorPoolRunner:
         if gpus == "auto":
             gpus = 1 if cluster_has_gpus() else 0
         hooks = {k: v for k, v in os.environ.items() if k.startswith(FAULT_HOOK_PREFIX)}
-        cls = ray.remote(self.actor_cls).options(**placement_options(self.cfg, gpus), max_restarts=0, max_task_retries=0,
-                                              runtime_env={"env_vars": {**WORKER_ENV, **hooks}})
-        threads = max(1, int(self.cfg.cpus_per_actor))
+        cpus = actor_cpus(self.cfg.cpus_per_actor, self.cfg.actors)
+        cls = ray.remote(self.actor_cls).options(**placement_options(self.cfg, gpus, cpus), max_restarts=0,
+                                              max_task_retries=0, runtime_env={"env_vars": {**WORKER_ENV, **hooks}})
+        threads = max(1, int(cpus))
         actor = cls.remote(self.cfg.backend, self.cfg.base, self.options, self.validation, threads,
                            self.cfg.hub_concurrency)
         self.starting[actor.pid.remote()] = actor
@@ -158,9 +159,11 @@ class ActorPoolRunner:
             import torch
 
             self.saved_threads = torch.get_num_threads()
+            cpus = self.cfg.cpus_per_actor
+            threads = self.saved_threads if cpus == "auto" else max(1, int(cpus))
             try:
-                self.local = self.actor_cls(self.cfg.backend, self.cfg.base, self.options, self.validation,
-                                            max(1, int(self.cfg.cpus_per_actor)), self.cfg.hub_concurrency)
+                self.local = self.actor_cls(self.cfg.backend, self.cfg.base, self.options, self.validation, threads,
+                                            self.cfg.hub_concurrency)
             except Exception as exc:  # noqa: BLE001 - one line, as a Ray actor's start failure is reported
                 torch.set_num_threads(self.saved_threads)
                 raise MashupError(f"the {self.cfg.backend} scorer could not start in this process (executor: local): "
@@ -298,11 +301,11 @@ class ActorPoolRunner:
             self.last_progress = time.monotonic()
 
 
-def placement_options(cfg, gpus: float) -> dict[str, Any]:
+def placement_options(cfg, gpus: float, cpus: float) -> dict[str, Any]:
     """Ray options that decide where an actor may run: its CPUs/GPUs, any custom resources (a node advertises
     them with `ray start --resources`) and node labels (`ray start --labels`), spread over nodes or packed."""
     opts: dict[str, Any] = {
-        "num_cpus": cfg.cpus_per_actor,
+        "num_cpus": cpus,
         "num_gpus": gpus,
         "scheduling_strategy": "SPREAD" if cfg.placement == "spread" else "DEFAULT",
     }

@@ -76,3 +76,33 @@ def test_rows_of_another_dtype_or_backend_option_are_never_reused(tmp_path, pool
     clean = select(tmp_path / "fresh", k=2)
     assert [(d.donor, d.loss) for d in mixed.donors] == [(d.donor, d.loss) for d in clean.donors]
     assert set(rows.sample_id) == {fp32.sample_id, bf16.sample_id}
+
+
+def _threads_used(out) -> set[int]:
+    import json
+
+    return {json.loads(line)["threads"] for line in (out / "placement.jsonl").read_text().splitlines()}
+
+
+def test_the_default_scorer_uses_the_cores_it_is_given(ray_local, tmp_path, pool_dir, task_file, base_dir):
+    """cpus_per_actor: auto. In-process, the scorer keeps this process's torch threads (a fixed 1 scored a 2-core
+    machine at half speed); a lone Ray actor reserves, and computes on, the whole 2-CPU local cluster; two actors
+    split it; a number the user gives is what every actor gets."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run(tmp_path, "local", [pool_dir / "qv"], task_file, base_dir, executor="local")
+        assert _threads_used(tmp_path / "local") == {2}
+    finally:
+        torch.set_num_threads(threads)
+    run(tmp_path, "one", [pool_dir / "qv"], task_file, base_dir)
+    run(tmp_path, "two", [pool_dir], task_file, base_dir, actors=2, donors_per_call=1)
+    run(tmp_path, "fixed", [pool_dir / "qv"], task_file, base_dir, cpus_per_actor=1)
+    assert [_threads_used(tmp_path / n) for n in ("one", "two", "fixed")] == [{2}, {1}, {1}]
+
+
+def test_cpus_per_actor_must_be_positive_or_auto():
+    data = {"base": "b", "donors": ["d"], "data": "t.jsonl", "out": "o"}
+    assert validate(ScoreConfig, data).cpus_per_actor == "auto"
+    with pytest.raises(ConfigError, match="cpus_per_actor must be positive, or auto"):
+        validate(ScoreConfig, {**data, "cpus_per_actor": 0})
