@@ -5,11 +5,18 @@ Here the slots ('s0'…) are PEFT LoRA layers injected once over the union of th
 largest rank; a donor of rank r fills the first r rows of A and columns of B (the rest stay zero, so B·A and
 the output are unchanged) and sets each module's scale alpha/r (or alpha/√r for rsLoRA). The slot layout grows
 (one rebuild) when a donor needs a module or a rank the slots lack.
+
+A forward pass whose rows are all slot donors (or the base) runs `segments`: the rows come grouped by donor, the slot
+layers are disabled for PEFT, and a forward hook on each adds B·A·x·scale to each donor's rows, sliced as views.
+PEFT's mixed-batch path instead builds index lists in Python and copies each donor's rows in and out of every LoRA
+layer, once per pass; on the tiny world that was most of a donor's cost beyond its forward (bench/bench_roofline.py).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import torch
 from safetensors import safe_open
@@ -48,6 +55,7 @@ class LoraSlots:
         self.targets, self.rank = set(targets), rank
         cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(targets), lora_dropout=0.0)
         self.names = [f"s{i}" for i in range(n)]
+        self._slot_names = frozenset(self.names)
         self.peft = get_peft_model(model, cfg, adapter_name=self.names[0])
         for name in self.names[1:]:
             self.peft.add_adapter(name, cfg)
@@ -60,6 +68,57 @@ class LoraSlots:
         self.free = list(reversed(self.names))
         self.owner: dict[str, str] = {}
         self._zero_all()
+        self._segments: list[tuple[str, int, int]] = []
+        self._peft_mode = True  # slot layers enabled for PEFT's own forward (adapter_names or set_adapter)
+        for layer in self.layers.values():
+            layer.register_forward_hook(self._add_deltas)
+
+    def _add_deltas(self, module, args, output):
+        """Each segment's rows get their slot's LoRA delta; inert outside `segments` (PEFT's forward adds its own)."""
+        if not self._segments:
+            return None
+        x = args[0]
+        for slot, start, end in self._segments:
+            a, b = module.lora_A[slot].weight, module.lora_B[slot].weight
+            rows = x[start:end]
+            delta = (rows.to(a.dtype) @ a.t()) @ b.t()
+            output[start:end].add_(delta.to(output.dtype), alpha=module.scaling[slot])
+        return output
+
+    def is_slot(self, name: str) -> bool:
+        return name in self._slot_names
+
+    @contextlib.contextmanager
+    def segments(self, names: Sequence[str | None]) -> Iterator[None]:
+        """Within the block the next forward gives row i the delta of slot `names[i]` (None: the base alone). Rows of
+        one slot must be consecutive, so each donor's rows are one slice of the batch."""
+        segs: list[tuple[str, int, int]] = []
+        for i, name in enumerate(names):
+            if segs and segs[-1][0] == name and segs[-1][2] == i:
+                segs[-1] = (name, segs[-1][1], i + 1)
+            else:
+                segs.append((name, i, i + 1))
+        slots = [seg for seg in segs if seg[0] is not None]
+        if len({seg[0] for seg in slots}) != len(slots):
+            raise RuntimeError("segments: each slot's rows must be consecutive in the batch")
+        if self._peft_mode:
+            if any(a not in self._slot_names for a in self.peft.active_adapters):
+                self.peft.set_adapter(self.names[0])  # a PEFT-loaded donor must not apply to these rows
+            for layer in self.layers.values():
+                layer.enable_adapters(False)
+            self._peft_mode = False
+        self._segments = slots
+        try:
+            yield
+        finally:
+            self._segments = []
+
+    def peft_mode(self) -> None:
+        """Give the slot layers back to PEFT's own forward (a pass that holds a donor PEFT loaded itself)."""
+        if not self._peft_mode:
+            for layer in self.layers.values():
+                layer.enable_adapters(True)
+            self._peft_mode = True
 
     def _zero_all(self) -> None:
         with torch.no_grad():

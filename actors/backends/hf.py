@@ -26,7 +26,8 @@ from engine.core.data import EncodedSample
 
 
 class HFOptions(BackendOptions):
-    SPEED_ONLY: ClassVar[frozenset[str]] = BackendOptions.SPEED_ONLY | {"mixed_batch", "slots", "passes"}
+    SPEED_ONLY: ClassVar[frozenset[str]] = BackendOptions.SPEED_ONLY | {"mixed_batch", "slots", "passes",
+                                                                           "lora_forward"}
 
     mixed_batch: bool = Field(True, description="put several donors in one forward pass")
     slots: bool = Field(True, description="load donors by copying into pre-injected LoRA slots")
@@ -35,6 +36,12 @@ class HFOptions(BackendOptions):
         description="how rows fill forward passes: 'auto' runs one donor per pass when a donor's sample fills "
         "batch_tokens, else mixes donors; 'mixed' always mixes donors (rows length-sorted over all donors); "
         "'by_donor' always runs one donor per pass. Scores are the same; only speed differs (docs/gpu.md)",
+    )
+    lora_forward: Literal["segments", "peft"] = Field(
+        "segments",
+        description="how a pass of slot donors adds their LoRA deltas: 'segments' groups each donor's rows and adds "
+        "its delta to that slice (actors.lora_slots); 'peft' uses PEFT's mixed-batch forward (adapter_names). "
+        "Scores are the same; passes that hold a donor PEFT loaded itself always use PEFT's",
     )
     slot_dtype: Literal["model", "float32"] = Field(
         "model",
@@ -165,7 +172,8 @@ class HFBackend(Backend):
             ((len(ex.input_ids), i, req) for req in group for i, ex in enumerate(sample.examples)),
             key=lambda t: (t[0], t[2].int_id, t[1]),
         )
-        yield from chunk_by_tokens(rows, lambda row: row[0], budget)
+        for chunk in chunk_by_tokens(rows, lambda row: row[0], budget):  # each donor's rows consecutive in a pass
+            yield sorted(chunk, key=lambda t: (t[2].int_id, t[1]))
 
     @torch.inference_mode()
     def _score_group(self, group: list[DonorRequest], sample: EncodedSample) -> dict[str, DonorScore]:
@@ -180,11 +188,18 @@ class HFBackend(Backend):
             names = [self._forward_name.get(self.adapter_name(req), BASE) for _, _, req in chunk]
             head = self.model.get_output_embeddings()
             gather = completion_head(self.model, batch) if isinstance(head, torch.nn.Linear) else _nothing()
+            segments = self.slots is not None and self.options.lora_forward == "segments" and all(
+                n == BASE or self.slots.is_slot(n) for n in names)
+            if self.slots is not None and not segments:
+                self.slots.peft_mode()
             with gather:
                 if self.peft is None:
                     if any(n != BASE for n in names):
                         raise RuntimeError("adapter rows without a loaded adapter")
                     logits = self.model(**inputs).logits
+                elif segments:
+                    with self.slots.segments([None if n == BASE else n for n in names]):
+                        logits = self.peft(**inputs).logits
                 elif names[0] != BASE and names.count(names[0]) == len(names):
                     if self.peft.active_adapter != names[0]:
                         self.peft.set_adapter(names[0], inference_mode=True)

@@ -114,3 +114,34 @@ def test_hub_fetches_no_pickles():
     from engine.core.hub import ADAPTER_FILES, MODEL_FILES
 
     assert not any("bin" in p or p.endswith((".pt", ".pth", ".ckpt")) for p in ADAPTER_FILES + MODEL_FILES)
+
+
+@pytest.mark.parametrize("passes", ["mixed", "by_donor"])
+def test_segmented_slots_give_the_rows_peft_mixed_batches_give(base_dir, variety, sample, passes, monkeypatch):
+    """`lora_forward: segments` (each donor's rows one slice, its delta added by a hook) against PEFT's own
+    mixed-batch forward, on the same mixed pool: plain LoRA, rsLoRA with rank and alpha patterns, other target sets,
+    a layer subset, bf16 factors; then the same pool beside a donor only PEFT loads (lora_bias), which sends its
+    passes to PEFT's path. The spy proves the fast path ran, so the comparison cannot pass vacuously."""
+    slot_only = [n for n in variety if n != "lora_bias"]
+    calls = []
+    original = LoraSlots.segments
+    monkeypatch.setattr(LoraSlots, "segments", lambda self, names: (calls.append(len(names)), original(self, names))[1])
+
+    def scores(forward: str) -> list[dict]:
+        backend = HFBackend(str(base_dir), HFOptions(max_resident=8, batch_tokens=512, passes=passes,
+                                                     lora_forward=forward))
+        out = []
+        for names in (slot_only, list(variety)):
+            reqs = [DonorRequest(name, str(variety[name][0]), i + 1) for i, name in enumerate(names)]
+            out.append({s.donor: s for s in backend.score(reqs, sample)})
+        return out
+
+    fast = scores("segments")
+    used = len(calls)
+    slow = scores("peft")
+    assert used > 0 and len(calls) == used, "segments ran for slot donors only, and never with lora_forward: peft"
+    for fast_call, slow_call in zip(fast, slow):
+        for donor, s in fast_call.items():
+            ref = slow_call[donor]
+            assert s.error is None and ref.error is None, (donor, s.error, ref.error)
+            assert abs(s.loss - ref.loss) < 1e-6 and s.n_correct == ref.n_correct and s.n_tokens == ref.n_tokens, donor

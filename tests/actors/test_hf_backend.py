@@ -57,7 +57,13 @@ def test_donor_grouped_passes_match_independent_peft(base_dir, sample, requests,
 
     monkeypatch.setattr(type(backend.peft), "set_adapter", spy)
     again = backend.score(requests[:2], sample)
-    assert calls == [backend._forward_name[backend.adapter_name(r)] for r in requests[:2]], "one switch per donor"
+    assert calls == [], "segmented slots switch no adapter (PEFT's set_adapter walks every module)"
+    assert [a.loss for a in again] == pytest.approx([s.loss for s in scores[1:3]], abs=1e-6)
+    peft_path = HFBackend(str(base_dir), HFOptions(max_resident=8, batch_tokens=64, lora_forward="peft"))
+    peft_path.score(requests[:2], sample)
+    calls.clear()
+    again = peft_path.score(requests[:2], sample)
+    assert calls == [peft_path._forward_name[peft_path.adapter_name(r)] for r in requests[:2]], "one switch per donor"
     assert [a.loss for a in again] == pytest.approx([s.loss for s in scores[1:3]], abs=1e-6)
 
 
