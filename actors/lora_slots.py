@@ -37,10 +37,11 @@ class DonorLayout:
         return max(f.rank for f in self.modules.values())
 
 
-def read_layout(folder: str | Path) -> DonorLayout | None:
+def read_layout(folder: str | Path, layouts: dict | None = None) -> DonorLayout | None:
     """Ranks and scales per module (PEFT's pattern rules, via engine.core.adapter); None when the donor needs features
-    slots don't model (embedding LoRAs, biases, DoRA, saved modules): PEFT loads those itself."""
-    adapter = open_adapter(str(folder), folder)
+    slots don't model (embedding LoRAs, biases, DoRA, saved modules): PEFT loads those itself. `layouts` caches
+    parsed headers across donors."""
+    adapter = open_adapter(str(folder), folder, layouts)
     if not adapter.plain:
         return None
     return DonorLayout(dict(adapter.modules))
@@ -80,9 +81,13 @@ class LoraSlots:
         x = args[0]
         for slot, start, end in self._segments:
             a, b = module.lora_A[slot].weight, module.lora_B[slot].weight
-            rows = x[start:end]
-            delta = (rows.to(a.dtype) @ a.t()) @ b.t()
-            output[start:end].add_(delta.to(output.dtype), alpha=module.scaling[slot])
+            # (rows, T, r) is small, so the scale goes there; as a BLAS alpha a NaN scale came out finite on CPU
+            xa = (x[start:end].to(a.dtype) @ a.t()).mul_(module.scaling[slot])
+            out = output[start:end]  # a contiguous view: rows [start, end) of the layer's output
+            if b.dtype == out.dtype:  # accumulate in place: no (rows, T, d_out) delta is written and read back
+                out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), b.t())
+            else:  # float32 slots in a bf16 model: the delta in float32, added in the model's dtype, as PEFT does
+                out.add_((xa @ b.t()).to(out.dtype))
         return output
 
     def is_slot(self, name: str) -> bool:
@@ -131,9 +136,10 @@ class LoraSlots:
         return layout.suffixes <= self.targets and layout.max_rank <= self.rank and set(layout.modules) <= set(self.layers)
 
     @torch.no_grad()
-    def load(self, key: str, folder: str | Path, layout: DonorLayout) -> str:
-        """Copy a donor into a free slot. Every module of the donor must have a slot layer: a module the slots
-        lack is an error (the caller rebuilds or falls back to PEFT), never a silently missing part of its ΔW."""
+    def load(self, key: str, folder: str | Path, layout: DonorLayout, tensors: dict | None = None) -> str:
+        """Copy a donor into a free slot, from `tensors` when the caller already read them, else from the file.
+        Every module of the donor must have a slot layer: a module the slots lack is an error (the caller rebuilds
+        or falls back to PEFT), never a silently missing part of its ΔW."""
         missing = sorted(set(layout.modules) - set(self.layers))
         if missing or layout.max_rank > self.rank:
             raise RuntimeError(f"the LoRA slots do not cover this donor (modules {missing[:3]}, rank "
@@ -141,7 +147,7 @@ class LoraSlots:
         if not self.free:
             raise RuntimeError("no free LoRA slot (the LRU should have evicted one)")
         slot = self.free.pop()
-        with safe_open(str(Path(folder) / WEIGHTS_FILE), framework="pt") as f:
+        with _tensor_source(folder, tensors) as f:
             for module, layer in self.layers.items():
                 a, b = layer.lora_A[slot].weight, layer.lora_B[slot].weight
                 a.zero_()
@@ -161,3 +167,18 @@ class LoraSlots:
     def unload(self):
         """Remove every slot and give back the plain base model (for a rebuild with a bigger layout)."""
         return self.peft.unload()
+
+
+class _Preloaded:
+    def __init__(self, tensors: dict):
+        self.get_tensor = tensors.__getitem__
+
+
+@contextlib.contextmanager
+def _tensor_source(folder: str | Path, tensors: dict | None):
+    """Something with `get_tensor(key)`: the tensors already read, or the safetensors file opened lazily."""
+    if tensors is not None:
+        yield _Preloaded(tensors)
+        return
+    with safe_open(str(Path(folder) / WEIGHTS_FILE), framework="pt") as f:
+        yield f

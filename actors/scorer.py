@@ -15,6 +15,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from actors.backends import get_backend
@@ -101,6 +102,7 @@ class DonorScorer:
         self.validation = validation
         self.fetch_workers = fetch_workers
         self.rebuilds = 0
+        self.layouts: dict = {}
         self.where = {"node": self.node(), "host": socket.gethostname(), "pid": os.getpid(),
                       "threads": torch.get_num_threads()}
 
@@ -119,9 +121,9 @@ class DonorScorer:
     def _prepare(self, task: ScoreTask, fetched: dict[str, str | BaseException]) -> tuple[DonorRequest, ScoreTask]:
         """The request for one donor, and its task as scored: a Hub donor's path and revision name the commit
         this node's cache actually holds, which is what its row records."""
-        from engine.core.adapter import fingerprint, stat_signature
+        from engine.core.adapter import WEIGHTS_FILE, fingerprint, read_weights, stat_signature
         from engine.core.hub import HubRef, hub_error, snapshot_commit
-        from engine.core.validate import validate_donor
+        from engine.core.validate import check_finite_weights, validate_donor
 
         entry = task.entry
         if entry.error:
@@ -134,10 +136,22 @@ class DonorScorer:
             folder, commit = got, snapshot_commit(got)
             uri = HubRef(HubRef.parse(entry.path).repo_id, commit).uri
             task = ScoreTask(replace(entry, path=uri, revision=commit), task.int_id)
-        validate_donor(entry.donor, folder, self.spec, root=entry.root, **self.validation)
+        options = dict(self.validation)
+        check = options.pop("check_finite", True)
+        if len(self.layouts) > 1024:  # parsed headers, shared by donors of one shape; bounded for mixed pools
+            self.layouts.clear()
+        validate_donor(entry.donor, folder, self.spec, root=entry.root, check_finite=False, layouts=self.layouts,
+                       **options)
         # What this row is computed from: the bytes hashed here, next to the files (the driver never reads them).
-        self.identity[entry.donor] = {"donor_sha256": fingerprint(folder), "donor_stat": stat_signature(folder)}
-        return DonorRequest(entry.donor, str(folder), task.int_id), task
+        # The stat comes first: a file rewritten after it no longer matches it, so its row is not reused.
+        stat = stat_signature(folder)
+        weights = Path(folder) / WEIGHTS_FILE
+        loaded = read_weights(weights)  # small files: one read for the hash, the check and the slot load
+        if check:
+            check_finite_weights(entry.donor, weights, loaded.tensors if loaded else None)
+        self.identity[entry.donor] = {"donor_sha256": fingerprint(folder, loaded.sha256 if loaded else None),
+                                      "donor_stat": stat}
+        return DonorRequest(entry.donor, str(folder), task.int_id, tensors=loaded.tensors if loaded else None), task
 
     def score(self, tasks: list[ScoreTask | None], sample: EncodedSample) -> list[dict[str, Any]]:
         """`None` in `tasks` stands for the base model. Returns one row per task, in order."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from pydantic import Field
@@ -24,6 +24,8 @@ class DonorRequest:
     donor: str
     path: str
     int_id: int
+    # the weights already read by the scorer (engine.core.adapter.read_weights), so the backend does not read again
+    tensors: dict | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_base(self) -> bool:

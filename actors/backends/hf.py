@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import replace
 from typing import ClassVar, Literal
 
 import torch
@@ -70,6 +71,7 @@ class HFBackend(Backend):
         self._forward_name: dict[str, str] = {}
         self._paths: dict[str, DonorRequest] = {}
         self.lru: AdapterLRU[str] = AdapterLRU(options.max_resident, self._load, self._unload)
+        self.layouts: dict = {}  # parsed safetensors headers, shared by donors of one shape
 
     @staticmethod
     def adapter_name(req: DonorRequest) -> str:
@@ -78,14 +80,17 @@ class HFBackend(Backend):
     def _load(self, name: str) -> None:
         from peft import PeftModel
 
-        path = self._paths[name].path
-        layout = read_layout(path) if self.options.slots else None
+        req = self._paths[name]
+        path = req.path
+        if len(self.layouts) > 1024:  # bounded for pools of many shapes
+            self.layouts.clear()
+        layout = read_layout(path, self.layouts) if self.options.slots else None
         if layout is not None and any(m.split(".")[-1] == "lm_head" for m in layout.modules):
             layout = None
         if layout is not None and (self.slots is None or not self.slots.fits(layout)):
             self._rebuild_slots(layout)
         if layout is not None and self.slots.fits(layout):  # a module the slots still lack: PEFT loads it whole
-            self._forward_name[name] = self.slots.load(name, path, layout)
+            self._forward_name[name] = self.slots.load(name, path, layout, req.tensors)
         elif self.peft is None:
             self.peft = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
             self.peft.eval()
@@ -156,6 +161,9 @@ class HFBackend(Backend):
         for r in reqs:
             self._paths[self.adapter_name(r)] = r
         self.lru.ensure(names)
+        for r in reqs:  # loaded: the weights the scorer read are no longer needed (a reload reads the file)
+            if r.tensors is not None:
+                self._paths[self.adapter_name(r)] = replace(r, tensors=None)
 
     def _chunks(self, group: list[DonorRequest], sample: EncodedSample):
         """Forward passes as lists of (length, example index, request): one donor per pass when each donor's rows

@@ -336,6 +336,32 @@ def sha256_file(path: str | Path) -> str:
             return hashlib.sha256(mapped).hexdigest()
 
 
+PRELOAD_MAX_BYTES = 32 << 20  # weights files up to this size are read whole, once (read_weights)
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    tensors: dict[str, Any]
+    sha256: str
+
+
+def read_weights(path: str | Path, max_bytes: int = PRELOAD_MAX_BYTES) -> LoadedWeights | None:
+    """A small weights file read once: its sha256 and its tensors come from the same bytes, so the content a score
+    is keyed by is exactly the content scored, and hashing, the finiteness check and the slot load share one read.
+    None for a larger file (hashed by mmap and loaded tensor by tensor, so memory stays bounded) or one that does
+    not parse (validation names what is wrong with it)."""
+    from safetensors.torch import load
+
+    try:
+        with open(path, "rb") as fh:
+            if os.fstat(fh.fileno()).st_size > max_bytes:
+                return None
+            data = fh.read()
+        return LoadedWeights(load(data), hashlib.sha256(data).hexdigest())
+    except Exception:  # noqa: BLE001 - unreadable or corrupt: the per-tensor path reports it by name
+        return None
+
+
 def combine_fingerprint(config_sha256: str, weights_sha256: str) -> str:
     """An adapter's content fingerprint from its two files' sha256: what a score, a merge and a run are keyed by."""
     return hashlib.sha256(f"lora:{config_sha256}:{weights_sha256}".encode()).hexdigest()

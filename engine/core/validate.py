@@ -58,8 +58,10 @@ def validate_donor(
     root: str | None = None,
     strict_base_name: bool = False,
     check_finite: bool = True,
+    layouts: dict | None = None,
 ) -> dict[str, Any]:
-    """Raise `DonorError` with the specific reason, or return the adapter config."""
+    """Raise `DonorError` with the specific reason, or return the adapter config. `layouts` caches parsed headers
+    across donors (engine.core.adapter.open_adapter)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DonorError(donor, f"adapter folder not found: {folder}")
@@ -68,7 +70,7 @@ def validate_donor(
         for f in (folder / CONFIG_FILE, folder / WEIGHTS_FILE):
             if f.exists() and not inside(root, f):
                 raise DonorError(donor, f"{f.name} resolves outside the pool root {root} (symlink?)")
-    adapter = open_adapter(donor, folder)
+    adapter = open_adapter(donor, folder, layouts)
     if adapter.config.raw.get("use_dora"):
         raise DonorError(donor, DORA_UNSUPPORTED)
     base_name = adapter.config.base_model or ""
@@ -76,7 +78,7 @@ def validate_donor(
         raise DonorError(donor, f"trained on a different base model ({base_name!r}, expected {spec.name!r})")
     _check_shapes(adapter, spec, base_name)
     if check_finite:
-        _check_finite(donor, adapter.weights)
+        check_finite_weights(donor, adapter.weights)
     return adapter.config.raw
 
 
@@ -107,10 +109,18 @@ def _check_targets(donor: str, cfg: dict, spec: BaseSpec, hint: str) -> None:
             raise DonorError(donor, f"target_modules {missing} not found in the base model{hint}")
 
 
-def _check_finite(donor: str, weights: Path) -> None:
+def check_finite_weights(donor: str, weights: Path, tensors: dict | None = None) -> None:
+    """No NaN or Inf in the donor's floating-point tensors; `tensors` already read (engine.core.adapter.read_weights)
+    are checked in one pass, else the file is read tensor by tensor."""
     import torch
     from safetensors import safe_open
 
+    if tensors is not None:
+        floats = [t.reshape(-1).float() for t in tensors.values() if t.is_floating_point()]
+        if not floats or torch.isfinite(torch.cat(floats)).all():
+            return
+        bad = next(k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
+        raise DonorError(donor, f"non-finite weights (NaN/Inf) in {bad}")
     with safe_open(str(weights), framework="pt") as f:
         for key in f.keys():
             t = f.get_tensor(key)
