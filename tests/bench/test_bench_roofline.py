@@ -1,0 +1,26 @@
+"""The roofline bench's arithmetic on known inputs: the marginal donor, its multiple of the limit, the table."""
+import pytest
+
+from bench.bench_roofline import against_the_limit, render
+
+
+def test_the_marginal_donor_takes_the_start_up_out():
+    # 10 s of start-up, then 0.5 s per donor up to 64 donors and 0.4 s per donor beyond
+    seconds = {8: 10 + 8 * 0.5, 64: 10 + 64 * 0.5, 500: 10 + 64 * 0.5 + 436 * 0.4}
+    r = against_the_limit(seconds, limit_s=0.25)
+    assert r["marginal_by_step"] == pytest.approx([0.5, 0.4])
+    assert r["marginal_s"] == pytest.approx(0.4) and r["ratio"] == pytest.approx(1.6)
+    assert r["overhead_ms"] == pytest.approx(150.0)
+    assert list(r["seconds"]) == ["8", "64", "500"]
+
+
+def test_the_table_shows_every_variant_against_its_base_limit():
+    lim = {"seconds": 0.25, "threads": 2, "spread": 1.1, "tokens": 3000, "completion_tokens": 300}
+    res = {"meta": {"date": "2026-12-03", "machine": "m", "command": "python -m bench.bench_roofline"},
+           "bases": {"wide": {"shape": {"hidden": 512, "layers": 8, "vocab": 32000}, "donors": [8, 24], "limit": lim,
+                              "variants": {"before": against_the_limit({8: 12.0, 24: 20.0}, 0.25),
+                                           "today": against_the_limit({8: 6.0, 24: 10.0}, 0.25)}}}}
+    table = render(res)
+    assert "| before | 500.0 ms | **2.00×** | 250.0 ms |" in table
+    assert "| today | 250.0 ms | **1.00×** | 0.0 ms |" in table
+    assert "250.0 ms (2 threads, spread 1.10×)" in table
