@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     # a run of some bases keeps the others' figures (each base says when and how it was measured)
     old = json.loads(args.results.read_text()) if args.results.exists() else {"bases": {}}
     fresh = {b: {**measure(b, sizes or DONORS[args.scale][b], args.repeats), "measured": measured} for b in bases}
-    res = {"meta": measured, "bases": {**old.get("bases", {}), **fresh}}
+    kept = {b: {"measured": old.get("meta"), **r} for b, r in old.get("bases", {}).items()}
+    res = {"meta": measured, "bases": {**kept, **fresh}}
     publish(res, args, README_BLOCK, render)
 
 
