@@ -27,6 +27,7 @@ BENCHES = {
     "cascade_grid": ([sys.executable, "-m", "bench.bench_cascade_grid", "--readme"], "cascade_grid.json"),
     "scale_256": ([sys.executable, "-m", "bench.bench_scale", *SCALE_256.split()], "scale_256.json"),
     "selection_e2e": ([sys.executable, "-m", "bench.bench_selection_e2e", "--readme"], "selection_e2e.json"),
+    "roofline": ([sys.executable, "-m", "bench.bench_roofline", "--readme"], "roofline.json"),
 }
 
 
