@@ -102,7 +102,7 @@ class DonorScorer:
         self.validation = validation
         self.fetch_workers = fetch_workers
         self.rebuilds = 0
-        self.layouts: dict = {}
+        self.layouts: dict = {}  # parsed headers, shared by donors of one shape (bounded by open_adapter)
         self.where = {"node": self.node(), "host": socket.gethostname(), "pid": os.getpid(),
                       "threads": torch.get_num_threads()}
 
@@ -138,8 +138,6 @@ class DonorScorer:
             task = ScoreTask(replace(entry, path=uri, revision=commit), task.int_id)
         options = dict(self.validation)
         check = options.pop("check_finite", True)
-        if len(self.layouts) > 1024:  # parsed headers, shared by donors of one shape; bounded for mixed pools
-            self.layouts.clear()
         validate_donor(entry.donor, folder, self.spec, root=entry.root, check_finite=False, layouts=self.layouts,
                        **options)
         # What this row is computed from: the bytes hashed here, next to the files (the driver never reads them).

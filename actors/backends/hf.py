@@ -71,7 +71,7 @@ class HFBackend(Backend):
         self._forward_name: dict[str, str] = {}
         self._paths: dict[str, DonorRequest] = {}
         self.lru: AdapterLRU[str] = AdapterLRU(options.max_resident, self._load, self._unload)
-        self.layouts: dict = {}  # parsed safetensors headers, shared by donors of one shape
+        self.layouts: dict = {}  # parsed safetensors headers, shared by donors of one shape (bounded by open_adapter)
 
     @staticmethod
     def adapter_name(req: DonorRequest) -> str:
@@ -82,8 +82,6 @@ class HFBackend(Backend):
 
         req = self._paths[name]
         path = req.path
-        if len(self.layouts) > 1024:  # bounded for pools of many shapes
-            self.layouts.clear()
         layout = read_layout(path, self.layouts) if self.options.slots else None
         if layout is not None and any(m.split(".")[-1] == "lm_head" for m in layout.modules):
             layout = None

@@ -274,6 +274,9 @@ def weights_path(name: str, folder: Path) -> Path:
     raise DonorError(name, f"missing {WEIGHTS_FILE}")
 
 
+LAYOUT_CACHE_MAX = 1024  # parsed headers a `layouts` cache holds
+
+
 def open_adapter(name: str, folder: str | Path, layouts: dict | None = None) -> Adapter:
     """Read and check one adapter's config and header. `layouts` caches parsed headers (donors of one shape have
     byte-identical headers, so a thousand donors are parsed once)."""
@@ -286,6 +289,8 @@ def open_adapter(name: str, folder: str | Path, layouts: dict | None = None) -> 
         if layouts is None or cache_key not in layouts:
             parsed = _layout(name, parse_header(raw, data_size), config)
             if layouts is not None:
+                if len(layouts) >= LAYOUT_CACHE_MAX:  # a pool of many shapes: start over, memory stays bounded
+                    layouts.clear()
                 layouts[cache_key] = parsed
         else:
             parsed = layouts[cache_key]

@@ -78,3 +78,26 @@ def test_hostile_config_is_refused(pool_dir, tmp_path):
                                                       "rank_pattern": {"q_proj": "eight"}}))
     with pytest.raises(DonorError, match="rank_pattern must map"):
         open_adapter("d", d)
+
+
+def test_a_layouts_cache_stays_bounded_and_keeps_its_answers(pool_dir, tmp_path, monkeypatch):
+    """Donors of many shapes never grow a `layouts` cache past LAYOUT_CACHE_MAX; a cached parse equals a fresh one."""
+    import engine.core.adapter as adapter
+
+    folders = sorted(p.parent for p in pool_dir.glob("*/*/adapter_config.json"))
+    for alpha in (3, 5):  # other scales: other cache keys
+        copy = shutil.copytree(folders[0], tmp_path / f"alpha{alpha}")
+        cfg = json.loads((copy / "adapter_config.json").read_text())
+        (copy / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": alpha}))
+        folders.append(copy)
+    unbounded: dict = {}
+    monkeypatch.setattr(adapter, "LAYOUT_CACHE_MAX", 10**6)
+    for folder in folders:
+        open_adapter(folder.name, folder, unbounded)
+    assert len(unbounded) > 2, "the pool must hold more than two shapes for the bound to matter"
+    monkeypatch.setattr(adapter, "LAYOUT_CACHE_MAX", 2)
+    layouts: dict = {}
+    for folder in folders:
+        cached = open_adapter(folder.name, folder, layouts)
+        assert len(layouts) <= 2
+        assert cached.modules == open_adapter(folder.name, folder).modules
