@@ -70,6 +70,8 @@ def result_row(task: ScoreTask | None, score: DonorScore) -> dict[str, Any]:
         nll_sq_sum=score.nll_sq_sum,
         nll_tok_sum=score.nll_tok_sum,
         tok_sq_sum=score.tok_sq_sum,
+        example_nll=score.example_nll if ok else None,
+        example_tokens=score.example_tokens if ok else None,
         status="ok" if ok else "failed",
         error=score.error,
         seconds=score.seconds,

@@ -9,6 +9,11 @@ nats, against exhaustive selection's top-2), whether that is within one standard
 with near-ties counted (a donor within one SE of the 2nd best is as good as it), and its compute as a share of
 exhaustive scoring (donor × example pairs, the increments each round adds).
 
+Settling (`cascade.settle_k`, engine/scoring/cascade.py) is replayed the same way, from the per-example losses each
+prefix row holds: the default cascade with and without settling on the top-2, over settle_z × settle_min_examples,
+on each target's whole pool and on seeded 15-donor pools drawn from it (a small pool is where `min_survivors` cost
+most).
+
 Usage: python -m bench.bench_cascade_grid [--readme] [--targets a,b] → bench/results/cascade_grid.json
 """
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +41,8 @@ OLD_DEFAULT = (16, 0.25, 2.0, 8)  # the defaults set at 64 examples (first slice
 # slice with a variance worth the name (>= 4 examples): the bench targets have clear winners, so settings without
 # them look safe here and may not be on a pool with near-ties.
 MIN_Z, MIN_FIRST_SLICE = 1.0, 4
+SETTLE_K, SETTLE_ZS, SETTLE_MINS = 2, (1.0, 2.0, 3.0), (8, 16, 32)
+SMALL_POOL, SMALL_DRAWS = 15, 5
 
 
 def prefix_stats(out: Path) -> dict[int, dict[str, Any]]:
@@ -54,12 +62,13 @@ def prefix_stats(out: Path) -> dict[int, dict[str, Any]]:
 
 
 def replay(stats: dict[int, dict[str, Any]], first_slice: int, keep_fraction: float, z: float,
-           min_survivors: int = 8, growth: float = 2.0) -> tuple[list[str], int]:
-    """A cascade run on stored prefix rows: (its final ranking, best first; donor × example pairs it scores)."""
-    from engine.scoring.cascade import CascadeConfig, next_size, prune
+           min_survivors: int = 8, growth: float = 2.0, **settling: Any) -> tuple[list[str], int]:
+    """A cascade run on stored prefix rows: (its final ranking, best first; donor × example pairs it scores).
+    `settling`: the cascade's settle_k, settle_z and settle_min_examples."""
+    from engine.scoring.cascade import CascadeConfig, next_size, prune, settle
 
     cfg = CascadeConfig(first_slice=first_slice, keep_fraction=keep_fraction, z=z, min_survivors=min_survivors,
-                        growth=growth)
+                        growth=growth, **settling)
     total = max(stats)
     survivors, prev, n, compute = list(stats[total]), 0, min(first_slice, total), 0
     while True:
@@ -70,6 +79,7 @@ def replay(stats: dict[int, dict[str, Any]], first_slice: int, keep_fraction: fl
         if n >= total:
             return sorted(round_stats, key=lambda d: (round_stats[d].loss, d)), compute
         survivors, _ = prune(round_stats, cfg)
+        survivors, _ = settle(round_stats, survivors, n, cfg)
         prev, n = n, next_size(n, len(survivors), total, cfg)
 
 
@@ -97,6 +107,55 @@ def grid(per_target: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any
                      "max_compute_fraction": max(j["compute_fraction"] for j in judged.values()),
                      "per_target": judged})
     return rows
+
+
+def small_pools(stats: dict[int, dict[str, Any]], size: int, draws: int, seed: str) -> list[dict[int, dict[str, Any]]]:
+    """`draws` seeded pools of `size` donors from one target's pool: every prefix restricted to them."""
+    donors, rng = sorted(stats[max(stats)]), random.Random(f"small-pool:{seed}")
+    return [{n: {d: s[d] for d in chosen} for n, s in stats.items()}
+            for chosen in (sorted(rng.sample(donors, size)) for _ in range(draws))]
+
+
+def settling_grid(per_target: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The default cascade without and with settling on the top-2, on the whole pools and on small pools."""
+    from engine.scoring.cascade import CascadeConfig
+
+    d = CascadeConfig()
+    rows = []
+    for size in ("all", SMALL_POOL):
+        pools = [p for t, s in per_target.items()
+                 for p in ([s] if size == "all" else small_pools(s, SMALL_POOL, SMALL_DRAWS, t))]
+        for settle_z, settle_min in [(None, None), *itertools.product(SETTLE_ZS, SETTLE_MINS)]:
+            opts = {} if settle_z is None else {"settle_k": SETTLE_K, "settle_z": settle_z,
+                                                "settle_min_examples": settle_min}
+            judged = [judge(p, *replay(p, d.first_slice, d.keep_fraction, d.z, d.min_survivors, d.growth, **opts))
+                      for p in pools]
+            rows.append({"pool": size, "pools": len(pools), "settle_z": settle_z, "settle_min_examples": settle_min,
+                         "within_one_se": sum(j["within_one_se"] for j in judged),
+                         "min_recall": min(j["recall"] for j in judged),
+                         "worst_regret": max(j["regret"] for j in judged),
+                         "mean_compute_fraction": sum(j["compute_fraction"] for j in judged) / len(judged),
+                         "max_compute_fraction": max(j["compute_fraction"] for j in judged)})
+    return rows
+
+
+def render_settling(rows: list[dict[str, Any]], donors: int) -> str:
+    lines = [f"Settling, replayed on the same rows: the default cascade (first slice 4, keep 0.05, z 1, min_survivors "
+             f"4) without and with `settle_k: {SETTLE_K}`, on each target's whole pool and on {SMALL_DRAWS} seeded "
+             f"{SMALL_POOL}-donor pools per target. Picks within one SE of exhaustive selection's top-2 (near-ties "
+             "counted), and compute as a share of exhaustive scoring.", "",
+             "| pool | settle_z | settle_min_examples | pools within 1 SE | worst regret (nats) | compute vs exhaustive: "
+             "mean (max) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        off = r["settle_z"] is None
+        lines.append(f"| {f'whole ({donors})' if r['pool'] == 'all' else str(r['pool']) + ' donors'} | "
+                     f"{'off' if off else format(r['settle_z'], 'g')} | {'' if off else r['settle_min_examples']} | "
+                     f"{r['within_one_se']}/{r['pools']} | {r['worst_regret']:.3f} | "
+                     f"{100 * r['mean_compute_fraction']:.1f}% ({100 * r['max_compute_fraction']:.1f}%) |")
+    lines += ["", f"Settling still scores its {SETTLE_K} picks on the whole sample, so that selection ranks whole-sample "
+              f"rows: that alone is {SETTLE_K}/N of exhaustive scoring ({100 * SETTLE_K / SMALL_POOL:.1f}% at "
+              f"{SMALL_POOL} donors, {100 * SETTLE_K / donors:.1f}% at {donors})."]
+    return "\n".join(lines)
 
 
 def settings(r: dict[str, Any]) -> tuple:
@@ -141,6 +200,8 @@ def render(res: dict[str, Any]) -> str:
               f"{100 * old['mean_compute_fraction']:.1f}%."
               + (f" The new default is the cheapest safe setting that keeps a margin (z ≥ {MIN_Z:g}) and a first slice "
                  f"of at least {MIN_FIRST_SLICE} examples: {100 * rec['mean_compute_fraction']:.1f}%." if rec else "")]
+    if res.get("settling"):
+        lines += ["", render_settling(res["settling"], meta["donors"])]
     return "\n".join(lines)
 
 
@@ -170,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
                     "donors": len(next(iter(per_target.values()))[args.samples]), "old_default": list(OLD_DEFAULT),
                     "seconds": time.perf_counter() - t0,
                     "machine": machine()},
-           "grid": grid(per_target)}
+           "grid": grid(per_target), "settling": settling_grid(per_target)}
     publish(res, args, README_BLOCK, render)
 
 

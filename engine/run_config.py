@@ -155,8 +155,22 @@ class RunConfig(RunPlan):
             raise ConfigError(format_validation_error(exc, section) if hasattr(exc, "errors") else f"{section}: {exc}") from None
 
     def score_config(self):
-        return self.stage("score", ScoreConfig, {"base": self.base, "donors": self.donors, "data": self.train,
-                                                 "out": self.out / "score", **self.encoding()})
+        """The score stage's config. A cascade the run scores settles on the largest k its arms select, unless the
+        score section sets `cascade.settle_k` itself (engine.scoring.cascade, "Settling")."""
+        cfg = self.stage("score", ScoreConfig, {"base": self.base, "donors": self.donors, "data": self.train,
+                                                "out": self.out / "score", **self.encoding()})
+        cascades = cfg.strategy == "cascade" or (cfg.strategy == "screen" and cfg.screen.then == "cascade")
+        k = self.largest_k()
+        if cascades and k is not None and "settle_k" not in cfg.cascade.model_fields_set:
+            cfg = cfg.model_copy(update={"cascade": cfg.cascade.model_copy(update={"settle_k": k})})
+        return cfg
+
+    def largest_k(self) -> int | None:
+        """The most donors any arm merges (a choose arm: its largest candidate k); None when no arm has a k."""
+        ks = [max(arm.choose.ks) if arm.choose is not None else self.select_config(arm, self.sweep.seeds[0]).k
+              for arm in self.arms if arm.init == "merge"]
+        ks = [k for k in ks if k is not None]
+        return max(ks) if ks else None
 
     def select_config(self, arm: ArmSpec, seed: int | None = None):
         """A random-k arm draws again for each run seed: its select seed plus the run seed."""

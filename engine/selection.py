@@ -196,7 +196,8 @@ def select_with_config(config: SelectConfig) -> Selection:
     cascaded = stored["sample_id"].map(lambda x: is_partial(x) and full_sample_id(x) == scope.sample_id).any()
     if stopped and cascaded and config.k is not None and config.k > full_donors:
         raise DataError(f"k: {config.k} exceeds the {full_donors} donors the cascade scored on the full sample; "
-                        f"rerun `mashup score` with cascade.min_survivors >= {config.k} (it resumes)")
+                        f"rerun `mashup score` with cascade.min_survivors and cascade.settle_k >= {config.k} "
+                        "(it resumes)")
 
     chosen = pick(candidates, config)
     weights = compute_weights(

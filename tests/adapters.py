@@ -85,6 +85,30 @@ def peft_reference_loss(base_dir: str | Path, adapter: str | Path | None, sample
     return nll / n, hits / n
 
 
+def write_trained_adapter(base_dir: str | Path, out_dir: str | Path, sample, seed: int, steps: int = 30,
+                          lr: float = 1e-2) -> Path:
+    """A real PEFT LoRA trained (plain torch, full batch) on `sample`'s completion tokens: a donor that really is
+    better on that task than random ones, for tests whose ranking must be clear."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=QV, lora_dropout=0.0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = 0.0
+        for ex in sample.examples:
+            ids = torch.tensor([ex.input_ids])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+            loss = loss - logp[ex.n_prompt - 1:].sum()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(str(out_dir))
+    return Path(out_dir)
+
+
 QV = ["q_proj", "v_proj"]
 
 

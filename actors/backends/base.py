@@ -49,9 +49,17 @@ class DonorScore:
     nll_sq_sum: float = 0.0
     nll_tok_sum: float = 0.0
     tok_sq_sum: int = 0
+    # Per example, in the sample's order: NLL and completion tokens. Two donors scored on the same examples are
+    # compared on their paired differences (engine.scoring.cascade.paired_stderr), far tighter than two SEs.
+    example_nll: list[float] | None = None
+    example_tokens: list[int] | None = None
 
-    def add_example(self, nll: float, correct: int, tokens: int) -> None:
-        """Accumulate one example's completion statistics."""
+    def add_example(self, nll: float, correct: int, tokens: int, index: int | None = None) -> None:
+        """Accumulate one example's completion statistics; `index` (its place in the sample) keeps it per example."""
+        if index is not None:
+            if self.example_nll is None:
+                self.example_nll, self.example_tokens = [math.nan] * self.n_examples, [0] * self.n_examples
+            self.example_nll[index], self.example_tokens[index] = nll, tokens
         self.nll_sum += nll
         self.n_correct += correct
         self.n_tokens += tokens

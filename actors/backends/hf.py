@@ -213,8 +213,8 @@ class HFBackend(Backend):
                 else:
                     logits = self.peft(**inputs, adapter_names=names).logits
             nll, hits, ntok = completion_stats(logits, batch)
-            for (_, _, req), a, b, c in zip(chunk, nll.tolist(), hits.tolist(), ntok.tolist()):
-                acc[req.donor].add_example(a, b, c)
+            for (_, i, req), a, b, c in zip(chunk, nll.tolist(), hits.tolist(), ntok.tolist()):
+                acc[req.donor].add_example(a, b, c, i)
         seconds = (time.perf_counter() - t0) / len(group)
         out = {}
         for req in group:

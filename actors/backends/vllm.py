@@ -347,7 +347,8 @@ class VLLMBackend(Backend):
                 owners.append(req)
         outputs = self.llm.generate(prompts, self.sampling, lora_request=loras, use_tqdm=False)
         acc = {req.donor: DonorScore(req.donor, n_examples=len(sample.examples)) for req in group}
-        for out, req, ex in zip(outputs, owners, sample.examples * len(group)):
+        indices = list(range(len(sample.examples))) * len(group)
+        for out, req, ex, i in zip(outputs, owners, sample.examples * len(group), indices):
             nll, hits, ntok = 0.0, 0, 0
             for j in range(max(ex.n_prompt, 1), len(ex.input_ids)):
                 target, entries = ex.input_ids[j], out.prompt_logprobs[j]
@@ -355,7 +356,7 @@ class VLLMBackend(Backend):
                 nll -= entries[target].logprob
                 hits += int(top1 == target)
                 ntok += 1
-            acc[req.donor].add_example(nll, hits, ntok)
+            acc[req.donor].add_example(nll, hits, ntok, i)
         seconds = (time.perf_counter() - t0) / len(group)
         results = {}
         for req in group:

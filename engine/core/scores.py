@@ -41,6 +41,10 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     # "exact": a forward-pass loss; "screen": a first-order prediction (engine.scoring.screen), never ranked as a loss.
     ("kind", "string"),
     ("alignment", "float64"),  # screen rows: cosine between -grad L and the donor's ΔW
+    # exact rows: each example's NLL and completion tokens, in the sample's order (a cascade prefix row: the cascade's
+    # order), so two donors are compared on paired differences (engine.scoring.cascade.paired_stderr)
+    ("example_nll", "list<float64>"),
+    ("example_tokens", "list<int32>"),
 )
 NAMES: tuple[str, ...] = tuple(name for name, _ in COLUMNS)
 KEY = ["donor", "sample_id", "round", "kind"]  # a row's identity in the store: the last write of a key wins
@@ -57,7 +61,10 @@ def arrow_schema():
     """The pyarrow schema of the store's parquet file, built from COLUMNS (the one place the schema is written)."""
     import pyarrow as pa
 
-    return pa.schema([(name, getattr(pa, kind)()) for name, kind in COLUMNS])
+    def arrow_type(kind: str):
+        return pa.list_(arrow_type(kind[5:-1])) if kind.startswith("list<") else getattr(pa, kind)()
+
+    return pa.schema([(name, arrow_type(kind)) for name, kind in COLUMNS])
 
 
 def _check(fields: dict[str, Any]) -> None:
@@ -89,6 +96,9 @@ def normalise_row(row: dict[str, Any]) -> dict[str, Any]:
     out["kind"] = out["kind"] or EXACT
     if isinstance(out["meta"], dict):
         out["meta"] = json.dumps(out["meta"], sort_keys=True)
+    for name, cast in (("example_nll", float), ("example_tokens", int)):  # plain lists: a journal line is JSON
+        if out[name] is not None:
+            out[name] = [cast(v) for v in out[name]]
     return out
 
 

@@ -10,6 +10,13 @@ m = max(min_survivors, ⌈keep_fraction · survivors⌉); a donor survives if it
 (the standard error of the difference to the cut-off donor, from per-example moments) of the cut-off. The next
 prefix is `growth` times longer, or the whole sample once no more than `min_survivors` are left.
 
+Settling (`settle_k`): every donor is scored on the same examples, so two donors compare on their paired
+per-example differences, whose standard error is far smaller than the two SEs combined when easy examples are easy
+for both. Once a prefix has `settle_min_examples`, a survivor outside the best `settle_k` whose loss is worse than
+each of them by `settle_z` paired SEs stops there; `min_survivors` no longer keeps it. Prefixes keep growing while
+more than k survive; when every survivor outside the best k has stopped, the ranking is settled and only those k
+are scored on the rest of the sample (so the rows selection ranks are still whole-sample rows).
+
 Resume: a round's `ok` rows are never rescored, and the survivors of each round are recomputed from the stored
 rows, so a rerun after a kill carries on where the cascade stopped. The base model's final-round row is written
 last: its presence marks a finished cascade.
@@ -25,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from pydantic import Field
+import numpy as np
+from pydantic import Field, model_validator
 
 from engine.core.config import StrictModel
 from engine.core.scores import (  # noqa: F401 - PARTIAL, is_partial, prefix_id: re-exported, the grammar is the core's
@@ -50,6 +58,19 @@ class CascadeConfig(StrictModel):
     stop_after_round: int | None = Field(
         None, ge=0, description="stop after this round without finishing (a staged run); rerun without it to finish"
     )
+    settle_k: int | None = Field(
+        None, ge=1, description="stop a donor once the best settle_k are better than it by settle_z paired standard "
+        "errors, and stop the cascade once that holds for every other survivor (min_survivors is then no floor); set "
+        "it to the k you select (mashup run sets it to its arms' largest k). None: off")
+    settle_z: float = Field(2.0, gt=0, description="the settling margin, in paired standard errors")
+    settle_min_examples: int = Field(16, ge=2, description="examples a prefix needs before anything settles on it")
+
+    @model_validator(mode="after")
+    def _settle_within_the_floor(self) -> "CascadeConfig":
+        if self.settle_k is not None and self.settle_k > self.min_survivors:
+            raise ValueError(f"settle_k ({self.settle_k}) exceeds min_survivors ({self.min_survivors}): raise "
+                             "min_survivors to at least the k you select")
+        return self
 
 
 @dataclass
@@ -63,15 +84,25 @@ class RoundStats:
     nll_sq: float = 0.0
     nll_tok: float = 0.0
     tok_sq: float = 0.0
+    # per example, in the cascade's order (tuples: `+` concatenates, so earlier rounds come first); complete only when
+    # they hold one entry per example (rows written before the columns existed have none)
+    each_nll: tuple[float, ...] = ()
+    each_tok: tuple[int, ...] = ()
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "RoundStats":
         tokens = int(row["n_tokens"])
         return cls(row["loss"] * tokens, row["token_accuracy"] * tokens, tokens, int(row["n_examples"]),
-                   *(float(row.get(c) or 0.0) for c in SUMS))
+                   *(float(row.get(c) or 0.0) for c in SUMS),
+                   *(tuple(v) if _is_list(v := row.get(c)) else () for c in ("example_nll", "example_tokens")))
 
     def __add__(self, other: "RoundStats") -> "RoundStats":
+        """`self`'s examples then `other`'s: the earlier prefix goes on the left."""
         return RoundStats(*(a + b for a, b in zip(vars(self).values(), vars(other).values())))
+
+    @property
+    def per_example(self) -> bool:
+        return self.examples > 0 and len(self.each_nll) == len(self.each_tok) == self.examples
 
     @property
     def loss(self) -> float:
@@ -89,12 +120,55 @@ class RoundStats:
     def row_fields(self) -> dict[str, Any]:
         return {"loss": self.loss, "token_accuracy": self.correct / self.tokens if self.tokens else math.nan,
                 "n_tokens": self.tokens, "n_examples": self.examples, "nll_sq_sum": self.nll_sq,
-                "nll_tok_sum": self.nll_tok, "tok_sq_sum": int(self.tok_sq)}
+                "nll_tok_sum": self.nll_tok, "tok_sq_sum": int(self.tok_sq),
+                "example_nll": list(self.each_nll) if self.per_example else None,
+                "example_tokens": list(self.each_tok) if self.per_example else None}
+
+
+def _is_list(value: Any) -> bool:
+    return value is not None and not isinstance(value, float)  # a missing list reads as None or NaN
+
+
+def paired_stderr(a: RoundStats, b: RoundStats) -> float:
+    """Delta-method standard error of loss(a) − loss(b) from their per-example differences on the same examples
+    (inf when either lacks per-example values or they were scored on different tokens)."""
+    if not (a.per_example and b.per_example) or a.each_tok != b.each_tok or a.examples < 2:
+        return math.inf
+    tok = np.asarray(a.each_tok, dtype=np.float64)
+    diff = np.asarray(a.each_nll) - np.asarray(b.each_nll)
+    total = tok.sum()
+    resid = diff - (diff.sum() / total) * tok
+    n = a.examples
+    return float(math.sqrt(float(resid @ resid) * n / (n - 1)) / total)
+
+
+def separated(stats: dict[str, RoundStats], candidates: Iterable[str], k: int, z: float) -> set[str]:
+    """The candidates outside the best k (by loss) that are worse than each of the best k by z paired SEs."""
+    ranked = sorted(stats, key=lambda d: (stats[d].loss, d))
+    top = ranked[:k]
+    out = set()
+    for d in candidates:
+        if d in top:
+            continue
+        gaps = [(stats[d].loss - stats[j].loss, paired_stderr(stats[d], stats[j])) for j in top]
+        if all(gap > 0 and gap >= z * se for gap, se in gaps):
+            out.add(d)
+    return out
+
+
+def settle(stats: dict[str, RoundStats], keep: list[str], n: int, cfg: CascadeConfig) -> tuple[list[str], int]:
+    """The survivors once the donors that have settled below the best `settle_k` stop, and how many stopped."""
+    if cfg.settle_k is None or n < cfg.settle_min_examples:
+        return keep, 0
+    gone = separated(stats, keep, cfg.settle_k, cfg.settle_z)
+    return [d for d in keep if d not in gone], len(gone)
 
 
 def next_size(n: int, survivors: int, total: int, cfg: CascadeConfig) -> int:
-    """Grow the prefix; jump to the whole sample once pruning can remove nobody."""
-    if survivors <= cfg.min_survivors:
+    """Grow the prefix; jump to the whole sample once nothing can stop anybody: no more than `min_survivors` left,
+    or with settling, no more than `settle_k` (nested prefixes score no example twice, so growing instead of
+    jumping costs no compute, only rounds)."""
+    if survivors <= (cfg.min_survivors if cfg.settle_k is None else cfg.settle_k):
         return total
     return min(total, max(n + 1, math.ceil(n * cfg.growth)))
 
@@ -122,7 +196,7 @@ class RoundWriter:
         for row in rows:
             row = dict(row)
             if row["status"] == "ok":
-                set_fields(row, **(RoundStats.from_row(row) + self.before.get(row["donor"], RoundStats())).row_fields())
+                set_fields(row, **(self.before.get(row["donor"], RoundStats()) + RoundStats.from_row(row)).row_fields())
             (self.held if row["donor"] in self.held_ids else out).append(row)
         self.store.append(out)
 
@@ -200,8 +274,10 @@ def run_cascade(cfg, opts, sample, catalog, store, summary) -> None:
             stats = ok_stats(store, sid, round_, [*survivors, BASE])
             base = stats.pop(BASE, None)
             kept, cutoff = (sorted(stats, key=lambda d: (stats[d].loss, d)), None) if final else prune(stats, cc)
+            kept, settled = (kept, 0) if final else settle(stats, kept, n, cc)
             record["rounds"].append({"round": round_, "examples": n, "slice": [prev_n, n], "sample_id": sid,
                                      "scored": len(stats), "kept": len(kept), "cutoff_loss": cutoff, "final": final,
+                                     "settled_out": settled,
                                      "donor_examples": len(stats) * (n - prev_n),
                                      "seconds": round(time.perf_counter() - t0, 3)})
             record["finished"] = final

@@ -25,6 +25,7 @@ from engine.core.scores import (  # noqa: F401 - the schema lives in the core; r
 )
 
 SCHEMA = arrow_schema()
+COMPACT_SHARE = 0.02  # at most this share of a run's wall-clock goes to automatic compaction
 
 
 class ScoreStore:
@@ -36,6 +37,7 @@ class ScoreStore:
         self.parquet = self.dir / SCORES
         self.journal = self.dir / JOURNAL
         self.compact_every_s = compact_every_s
+        self._gap_s = compact_every_s  # grows with the store, so that compaction stays a small share of the run
         self._last_compact = time.monotonic()
 
     def read(self) -> pd.DataFrame:
@@ -56,10 +58,13 @@ class ScoreStore:
                 fh.write(json.dumps(row) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-        if time.monotonic() - self._last_compact >= self.compact_every_s:
+        if time.monotonic() - self._last_compact >= self._gap_s:
             self.compact()
 
     def compact(self) -> None:
+        """Rewrite the parquet file from it and the journal; the next automatic compaction waits at least
+        COMPACT_SHARE⁻¹ times as long as this one took, so rewriting a large store never dominates a run."""
+        t0 = time.monotonic()
         df = self.read()
         with atomic_file(self.parquet) as tmp:
             pq.write_table(pa.Table.from_pandas(df, schema=SCHEMA, preserve_index=False), tmp)
@@ -68,4 +73,5 @@ class ScoreStore:
             fh.flush()
             os.fsync(fh.fileno())
         self._last_compact = time.monotonic()
+        self._gap_s = max(self.compact_every_s, (self._last_compact - t0) / COMPACT_SHARE)
 

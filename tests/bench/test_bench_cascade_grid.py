@@ -32,6 +32,30 @@ def test_a_replay_equals_a_real_cascade(tmp_path, pool_dir, task_file, base_dir,
     assert ranking == sorted(full, key=lambda d: (full[d].loss, d)), "and ranks them by the same final losses"
 
 
+def test_a_settling_replay_equals_a_real_settling_cascade(tmp_path, pool_dir, task_file, base_dir, tokenizer):
+    """Three random donors and two trained on the task: the ranking settles, and the replay settles the same way."""
+    import shutil
+
+    from engine.core.data import encode_sample, load_jsonl
+    from tests.adapters import write_trained_adapter
+
+    pool = tmp_path / "pool"
+    shutil.copytree(pool_dir / "qv", pool / "qv")
+    sample = encode_sample(tokenizer, load_jsonl(task_file)[:8], salt="train")
+    for seed in (1, 2):
+        write_trained_adapter(base_dir, pool / f"trained{seed}", sample, seed=seed)
+    cascade(tmp_path, "all", pool, task_file, base_dir, first_slice=2, keep_fraction=1.0, z=0.0, min_survivors=2)
+    settling = {"settle_k": 2, "settle_z": 2.0, "settle_min_examples": 4}
+    ranking, compute = replay(prefix_stats(tmp_path / "all"), 2, 1.0, 0.0, min_survivors=2, **settling)
+    cfg, real = cascade(tmp_path, "real", pool, task_file, base_dir, first_slice=2, keep_fraction=1.0, z=0.0,
+                        min_survivors=2, **settling)
+    rounds = json.loads((cfg.out / "cascade.json").read_text())["rounds"]
+    assert sum(r["settled_out"] for r in rounds) == 3 and rounds[-1]["scored"] == 2, "the random three stop early"
+    assert real.donor_examples == compute and sorted(ranking) == ["trained1", "trained2"]
+    full = prefix_stats(cfg.out)[24]
+    assert ranking == sorted(full, key=lambda d: (full[d].loss, d))
+
+
 def stat(loss: float, se: float, n: int = 100) -> RoundStats:
     """A donor whose loss is `loss` and whose standard error is `se` (all tokens 1 per example)."""
     # nll_sq - 2·L·nll_tok + L²·tok_sq = se² · tokens² · (n-1) / n, with nll_tok = L·n and tok_sq = n

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from engine.scoring.cascade import CascadeConfig, RoundStats, prune
+from engine.scoring.cascade import CascadeConfig, RoundStats, paired_stderr, prune, settle
 from engine.core.config import validate
 from engine.core.errors import ConfigError, DataError
 from engine.scoring import ScoreConfig, score
@@ -113,6 +113,22 @@ def test_moments_match_per_example_peft(cascade, graded_pool, base_dir, tokenize
     assert row.nll_sq_sum == pytest.approx((nll ** 2).sum(), rel=1e-5)
     assert row.nll_tok_sum == pytest.approx((nll * toks).sum(), rel=1e-5)
     assert row.tok_sq_sum == (toks ** 2).sum()
+    assert np.allclose(row.example_nll, nll, atol=1e-4) and list(row.example_tokens) == list(toks)
+
+
+def whole_size(ex) -> int:
+    return int(ex.n_examples.iloc[0])
+
+
+def test_a_prefix_row_holds_every_example_of_its_prefix_in_the_cascades_order(exhaustive, cascade):
+    (_, ex), (_, rows, _) = exhaustive, cascade
+    for donor in (top(ex, 1)[0], "__base__"):  # both are scored on every round
+        mine = rows[rows.donor == donor].sort_values("round")
+        first, last = mine.iloc[0], mine.iloc[-1]
+        assert last.n_examples == whole_size(ex) and len(last.example_nll) == last.n_examples and list(last.example_nll[:4]) == list(first.example_nll)
+        assert sum(last.example_nll) / sum(last.example_tokens) == pytest.approx(last.loss, abs=1e-9)
+        whole = ex[ex.donor == donor].iloc[0]  # the same examples, in the sample's order rather than the cascade's
+        assert sorted(whole.example_nll) == pytest.approx(sorted(last.example_nll), abs=1e-6)
 
 
 def test_resume_mid_cascade_rescores_nothing_finished(ray_local, tmp_path, cascade, graded_pool, task_file, base_dir):
@@ -177,7 +193,7 @@ def test_selection_after_a_cascade_ranks_final_round_losses_only(exhaustive, cas
     for strategy in ("worst-k", "random-k", "all"):
         with pytest.raises(DataError, match=f"strategy: {strategy} needs every donor's full-sample loss"):
             select(cfg.out, k=2, strategy=strategy)
-    with pytest.raises(DataError, match=r"k: 12 exceeds .* cascade.min_survivors >= 12"):
+    with pytest.raises(DataError, match=r"k: 12 exceeds .* cascade.min_survivors and cascade.settle_k >= 12"):
         select(cfg.out, k=12)
 
 
@@ -237,3 +253,95 @@ def test_prune_keeps_the_cut_off_and_donors_within_the_margin():
     assert cutoff == pytest.approx(1.1) and kept == ["a", "b", "c", "f"]
     assert prune(stats, cfg.model_copy(update={"z": 0.0}))[0] == ["a", "b"]
     assert prune(stats, cfg.model_copy(update={"min_survivors": 6}))[0] == ["a", "b", "c", "d", "f", "e"]
+
+
+SETTLE = {**CASCADE, "keep_fraction": 0.5, "min_survivors": 4, "settle_k": 2, "settle_z": 2.0, "settle_min_examples": 8}
+
+
+@pytest.fixture(scope="module")
+def settling_pool(graded_pool, world, base_dir, tokenizer, task_file):
+    """The graded pool's 16 near-ties plus two LoRAs trained on the task: a top-2 that is clear after a few examples."""
+    import shutil
+
+    from engine.core.data import encode_sample, load_jsonl
+    from tests.adapters import write_trained_adapter
+
+    pool = world / "settling_pool"
+    if not pool.exists():
+        shutil.copytree(graded_pool, pool)
+        sample = encode_sample(tokenizer, load_jsonl(task_file)[:8], salt="train")
+        for seed in (1, 2):
+            write_trained_adapter(base_dir, pool / f"trained{seed}", sample, seed=seed)
+    return pool
+
+
+@pytest.fixture(scope="module")
+def settled(ray_local, tmp_path_factory, settling_pool, task_file, base_dir):
+    root = tmp_path_factory.mktemp("settle")
+    runs = {name: config(root, name, settling_pool, task_file, base_dir, **kw) for name, kw in (
+        ("settled", {"strategy": "cascade", "cascade": SETTLE}),
+        ("floor", {"strategy": "cascade", "cascade": {k: v for k, v in SETTLE.items() if not k.startswith("settle")}}),
+        ("exhaustive", {}))}
+    return {name: (score(cfg), read_scores(cfg.out), cfg) for name, cfg in runs.items()}
+
+
+def test_a_settled_cascade_stops_the_others_and_finishes_only_the_top_k(settled):
+    (ex_summary, ex, _), (summary, rows, cfg), (unsettled, _, _) = (settled[n] for n in ("exhaustive", "settled", "floor"))
+    record = json.loads((cfg.out / "cascade.json").read_text())
+    final = rows[(rows.sample_id == ex.sample_id.iloc[0]) & (rows.donor != "__base__")]
+    assert set(top(ex, 2)) == {"trained1", "trained2"}
+    assert any(r["settled_out"] for r in record["rounds"]), "the trained pair settles the ranking"
+    assert len(final) == 2 < SETTLE["min_survivors"], "settled: the floor no longer applies, only the top-2 finish"
+    assert [d.donor for d in select(cfg.out, k=2).donors] == top(ex, 2)
+    assert summary.donor_examples < unsettled.donor_examples < ex_summary.donor_examples
+    assert [r["kept"] for r in record["rounds"]][-2] == 2 and record["rounds"][-1]["scored"] == 2
+    with pytest.raises(DataError, match="settle_k >= 3"):
+        select(cfg.out, k=3)
+    resumed = score(cfg)  # a rerun settles the same way from the stored rows and scores nothing
+
+    def shape(rounds):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rounds]
+    assert resumed.donor_examples == 0 and shape(resumed.rounds) == shape(record["rounds"])
+
+
+def _per_example(nll, tok):
+    nll, tok = list(map(float, nll)), list(map(int, tok))
+    return RoundStats(sum(nll), 0.0, sum(tok), len(nll), sum(x * x for x in nll), sum(x * t for x, t in zip(nll, tok)),
+                      sum(t * t for t in tok), tuple(nll), tuple(tok))
+
+
+def test_paired_stderr_is_the_delta_method_se_of_the_paired_difference():
+    rng = np.random.default_rng(1)
+    tok = rng.integers(1, 6, size=50)
+    hard = rng.gamma(2.0, 1.0, size=50) * tok  # per-example difficulty both donors share
+    a = _per_example(hard + rng.normal(0, 0.1, 50) * tok, tok)
+    b = _per_example(hard * 1.05 + rng.normal(0, 0.1, 50) * tok, tok)
+    diff = np.array(a.each_nll) - np.array(b.each_nll)
+    ratio = diff.sum() / tok.sum()
+    direct = np.sqrt(((diff - ratio * tok) ** 2).sum() * 50 / 49) / tok.sum()
+    assert paired_stderr(a, b) == pytest.approx(direct, rel=1e-12)
+    assert paired_stderr(a, b) < 0.25 * math.hypot(a.stderr, b.stderr), "shared difficulty cancels in the pair"
+    assert paired_stderr(a, _per_example(b.each_nll, tok + 1)) == math.inf  # other tokens: not the same examples
+    no_vectors = RoundStats(b.nll, 0.0, b.tokens, b.examples, b.nll_sq, b.nll_tok, b.tok_sq)
+    assert paired_stderr(a, no_vectors) == math.inf  # rows stored before per-example values: nothing settles
+
+
+def test_settle_stops_donors_below_the_floor_only_when_separated():
+    tok = [2] * 20
+    base = np.linspace(1, 3, 20)
+    stats = {"a": _per_example(base, tok), "b": _per_example(base + 0.01 + 0.001 * np.sin(np.arange(20)), tok),
+             "c": _per_example(base + 0.5 + 0.05 * np.cos(np.arange(20)), tok),
+             "twin": _per_example(base + 0.011 + 0.3 * np.sin(np.arange(20) * 7), tok)}
+    keep = ["a", "b", "twin", "c"]
+    cfg = CascadeConfig(min_survivors=4, settle_k=2, settle_z=2.0, settle_min_examples=8)
+    kept, gone = settle(stats, keep, 20, cfg)
+    assert kept == ["a", "b", "twin"] and gone == 1, "c is far below both; twin is within noise of b"
+    assert settle(stats, keep, 4, cfg) == (keep, 0), "too few examples: nothing settles"
+    assert settle(stats, keep, 20, cfg.model_copy(update={"settle_k": None})) == (keep, 0)
+    assert settle(stats, keep, 20, cfg.model_copy(update={"settle_z": 1e6}))[0] == keep
+
+
+def test_settle_k_above_the_floor_names_the_fix():
+    with pytest.raises(ConfigError, match=r"settle_k \(5\) exceeds min_survivors \(4\)"):
+        validate(ScoreConfig, {"base": "b", "donors": ["d"], "data": "x", "out": "o", "strategy": "cascade",
+                               "cascade": {"settle_k": 5}}, "score")

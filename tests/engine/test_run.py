@@ -177,3 +177,20 @@ def test_cascade_and_screen_conflicts_are_named_before_scoring(tmp_path, run_con
     assert main(["run", "--config", str(bad)]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "never").exists()
+
+
+def test_a_runs_cascade_settles_on_the_largest_k_its_arms_merge(run_config, tmp_path):
+    """Unset, cascade.settle_k is the arms' largest k (a choose arm: its largest candidate k); set, it is kept."""
+    from engine.run import RunConfig
+
+    path, _ = run_config
+    data = yaml.safe_load(path.read_text())
+    data.update(out=str(tmp_path / "run"), score={**data["score"], "strategy": "cascade"},
+                arms=[{"name": "two", "select": {"k": 2}}, {"name": "pick", "choose": {"ks": [1, 3]}},
+                      {"name": "scratch", "init": "none"}], baseline="scratch")
+    assert RunConfig.model_validate(data).score_config().cascade.settle_k == 3
+    data["score"]["cascade"] = {"settle_k": 1}
+    assert RunConfig.model_validate(data).score_config().cascade.settle_k == 1
+    data["score"] = {**data["score"], "strategy": "exhaustive"}
+    data["score"].pop("cascade")
+    assert RunConfig.model_validate(data).score_config().cascade.settle_k is None

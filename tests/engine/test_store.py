@@ -66,3 +66,25 @@ def test_the_row_builder_fills_every_column_and_refuses_unknown_ones():
         score_row("a", lsos=0.5)
     with pytest.raises(ValueError, match="sampel_id"):
         set_fields(built, sampel_id="s")
+
+
+def test_automatic_compaction_waits_in_proportion_to_what_the_last_one_cost(tmp_path):
+    """A large store is rewritten less often: the gap after a compaction is its duration / COMPACT_SHARE."""
+    from engine.scoring.store import COMPACT_SHARE
+
+    store = ScoreStore(tmp_path, compact_every_s=0.0)
+    store.append([row("a")])  # compacts at once (no minimum gap)
+    assert (tmp_path / SCORES).exists() and (tmp_path / JOURNAL).read_text() == ""
+    assert store._gap_s > 0 and store._gap_s * COMPACT_SHARE < 5.0
+    store.append([row("b")])  # within 1/COMPACT_SHARE times the last compaction's duration: journal only
+    assert '"b"' in (tmp_path / JOURNAL).read_text() and sorted(read_scores(tmp_path).donor) == ["a", "b"]
+
+
+def test_per_example_values_round_trip_through_journal_and_parquet(tmp_path):
+    store = ScoreStore(tmp_path, compact_every_s=1e9)
+    store.append([{**row("a"), "example_nll": [0.25, 1.5], "example_tokens": [4, 5]}, row("b")])
+    for stage in ("journal", "parquet"):
+        df = read_scores(tmp_path).set_index("donor")
+        assert list(df.loc["a", "example_nll"]) == [0.25, 1.5] and list(df.loc["a", "example_tokens"]) == [4, 5], stage
+        assert df.loc["b", "example_nll"] is None or df.loc["b", "example_nll"] != df.loc["b", "example_nll"], stage
+        store.compact()
