@@ -14,6 +14,12 @@ Variants side by side, each adding one change of issue 22 to the last: `before` 
 mixed-batch forward, the defaults until 2026-12-03), `+ all cores` (cpus_per_actor: auto), `+ segmented slots`
 (lora_forward: segments, actors/lora_slots.py): today's defaults.
 
+The cascade (engine defaults with `settle_k: 2`) and the screen (engine defaults) are run on the largest pool too,
+and their wall-clock is set against their compute: forward-example equivalents (donor × example pairs scored, the
+base's rows included; for the screen also the gradient, 3 forwards per example, and each donor's screen, r tokens'
+worth) times the measured cost of one forward example (the limit / examples). `fixed` is the exhaustive jobs'
+start-up (t(N) − N · marginal), taken out of the wall-clock in the second ratio.
+
 Bases: `tiny` (the demo world's 4-layer Llama, the scale pool's donors), `wide` (a random Llama, hidden 512, 8
 layers, vocab 32k, where the forward dominates; r16 q/k/v/o donors) and `smollm2` (SmolLM2-135M-Instruct, r16
 q/k/v/o random donors; a synthetic few-shot task: the tokens, not their meaning, set the cost).
@@ -44,6 +50,7 @@ VARIANTS = {  # each step of the speed work, from the old defaults to today's
     "+ segmented slots (today)": {},
 }
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+STRATEGIES = {"cascade": {"strategy": "cascade", "cascade": {"settle_k": 2}}, "screen": {"strategy": "screen"}}
 
 
 def write_manifest(pool: Path, names: list[str]) -> Path:
@@ -171,6 +178,36 @@ def job_seconds(w: dict[str, Any], n: int, variant: dict[str, Any], tag: str) ->
     return seconds
 
 
+def strategy_job(w: dict[str, Any], n: int, name: str, tag: str) -> dict[str, Any]:
+    """One cascade or screen job on the first n donors in a fresh folder: its wall-clock and its compute in
+    forward-example equivalents."""
+    from bench.scale_pool import sub_manifest
+    from engine.scoring import score
+
+    out = CACHE / "runs" / f"{tag}-{name}-n{n}"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = score_config(w, sub_manifest(w["manifest"], n), out, **STRATEGIES[name])
+    t0 = time.perf_counter()
+    summary = score(cfg)
+    seconds = time.perf_counter() - t0
+    record = json.loads((out / ("cascade.json" if name == "cascade" else "screen.json")).read_text())
+    examples = record["examples"]
+    fwd = summary.donor_examples + examples  # the base: scored on the whole sample once (nested prefixes)
+    if name == "screen":
+        first = json.loads(w["manifest"].read_text().splitlines()[0])
+        rank = json.loads((w["manifest"].parent / first["path"] / "adapter_config.json").read_text())["r"]
+        fwd += 3 * examples + n * rank / (record["tokens"] / examples)
+    return {"donors": n, "seconds": seconds, "forward_example_equiv": fwd, "examples": examples}
+
+
+def against_compute(job: dict[str, Any], limit_s: float, fixed_s: float) -> dict[str, Any]:
+    """A strategy's wall-clock against its compute at the limit's speed, with and without the start-up."""
+    compute_s = job["forward_example_equiv"] * limit_s / job["examples"]
+    return {**job, "compute_s": compute_s, "fraction_of_exhaustive": job["forward_example_equiv"] / (
+            (job["donors"] + 1) * job["examples"]), "ratio": job["seconds"] / compute_s,
+            "ratio_without_fixed": (job["seconds"] - fixed_s) / compute_s, "fixed_s": fixed_s}
+
+
 def against_the_limit(seconds: dict[int, float], limit_s: float) -> dict[str, Any]:
     """Job seconds by pool size → one more donor's seconds between consecutive sizes (the last pair is the
     figure: the start-up cancels, and the largest pools weigh the per-donor work most), its multiple of the limit,
@@ -195,6 +232,7 @@ def measure(name: str, ns: tuple[int, ...], repeats: int) -> dict[str, Any]:
         limit.time(repeats)
         for i, (v, extra) in enumerate(VARIANTS.items()):
             seconds[v][n] = job_seconds(w, n, extra, f"{name}-v{i}")
+    jobs = {name: strategy_job(w, max(ns), name, f"{name}-s") for name in STRATEGIES}
     limit.time(repeats)
     lim = limit.summary()
     c = AutoConfig.from_pretrained(str(w["base"]))
@@ -204,6 +242,12 @@ def measure(name: str, ns: tuple[int, ...], repeats: int) -> dict[str, Any]:
         out["variants"][v] = r = against_the_limit(secs, lim["seconds"])
         print(f"{name} {v}: {1000 * r['marginal_s']:.1f} ms/donor vs limit {1000 * lim['seconds']:.1f} ms "
               f"({r['ratio']:.2f}x)", flush=True)
+    today = out["variants"][list(VARIANTS)[-1]]
+    fixed = today["seconds"][str(max(ns))] - max(ns) * today["marginal_s"]
+    out["strategies"] = {k: against_compute(j, lim["seconds"], fixed) for k, j in jobs.items()}
+    for k, r in out["strategies"].items():
+        print(f"{name} {k}: {r['seconds']:.1f} s vs compute {r['compute_s']:.1f} s ({r['ratio']:.2f}x; "
+              f"{r['ratio_without_fixed']:.2f}x without the {fixed:.1f} s start-up)", flush=True)
     return out
 
 
@@ -222,6 +266,14 @@ def render(res: dict[str, Any]) -> str:
                          f"{', '.join(map(str, b['donors']))} | {lim['tokens']} ({lim['completion_tokens']} scored) | "
                          f"{1000 * lim['seconds']:.1f} ms ({lim['threads']} threads{spread}) | {v} | "
                          f"{1000 * r['marginal_s']:.1f} ms | **{r['ratio']:.2f}×** | {r['overhead_ms']:.1f} ms |")
+    strategies = [(name, k, r) for name, b in res["bases"].items() for k, r in b.get("strategies", {}).items()]
+    if strategies:
+        lines += ["", "| base | strategy | donors | compute (fwd-example equiv.) | share of exhaustive | compute at the "
+                  "limit | wall-clock | × compute | × compute, start-up out |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {k} | {r['donors']} | {r['forward_example_equiv']:,.0f} | "
+                  f"{100 * r['fraction_of_exhaustive']:.1f}% | {r['compute_s']:.1f} s | {r['seconds']:.1f} s | "
+                  f"**{r['ratio']:.2f}×** | {r['ratio_without_fixed']:.2f}× (start-up {r['fixed_s']:.1f} s) |"
+                  for name, k, r in strategies]
     runs = {}
     for name, b in res["bases"].items():
         m = b.get("measured", res["meta"])

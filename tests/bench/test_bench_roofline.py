@@ -24,3 +24,19 @@ def test_the_table_shows_every_variant_against_its_base_limit():
     assert "| before | 500.0 ms | **2.00×** | 250.0 ms |" in table
     assert "| today | 250.0 ms | **1.00×** | 0.0 ms |" in table
     assert "250.0 ms (2 threads, spread 1.10×)" in table
+
+
+def test_a_strategy_is_set_against_its_compute_at_the_limits_speed():
+    from bench.bench_roofline import against_compute
+
+    # 1,000 forward examples at 0.25 s per 64-example sample = 3.9 s of compute; 10 s wall-clock, 4 s of start-up
+    job = {"donors": 99, "seconds": 10.0, "forward_example_equiv": 1000.0, "examples": 64}
+    r = against_compute(job, limit_s=0.25, fixed_s=4.0)
+    assert r["compute_s"] == pytest.approx(1000 * 0.25 / 64)
+    assert r["ratio"] == pytest.approx(10.0 / r["compute_s"]) and r["ratio_without_fixed"] == pytest.approx(6.0 / r["compute_s"])
+    assert r["fraction_of_exhaustive"] == pytest.approx(1000 / (100 * 64))  # the base's row counts in both
+    lim = {"seconds": 0.25, "threads": 2, "tokens": 3000, "completion_tokens": 300}
+    table = render({"meta": {"date": "d", "machine": "m", "command": "c"},
+                    "bases": {"tiny": {"shape": {"hidden": 1, "layers": 1, "vocab": 1}, "donors": [8, 99], "limit": lim,
+                                       "variants": {}, "strategies": {"cascade": r}}}})
+    assert "| tiny | cascade | 99 | 1,000 | 15.6% | 3.9 s | 10.0 s | **2.56×** | 1.54× (start-up 4.0 s) |" in table
