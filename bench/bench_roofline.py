@@ -162,35 +162,28 @@ class PlainForward:
                 "batch_tokens": self.batch_tokens, "passes_per_call": len(self.chunks)}
 
 
-def job_seconds(w: dict[str, Any], n: int, variant: dict[str, Any], tag: str) -> float:
-    """Exhaustive local scoring of the first n donors in a fresh folder; its wall-clock."""
+def run_job(w: dict[str, Any], n: int, extra: dict[str, Any], tag: str):
+    """Local scoring of the first n donors in a fresh folder: (its wall-clock, its summary); a failed donor ends the
+    bench, since its cost would be missing from the figure."""
     from bench.scale_pool import sub_manifest
     from engine.scoring import score
 
     out = CACHE / "runs" / f"{tag}-n{n}"
     shutil.rmtree(out, ignore_errors=True)
-    cfg = score_config(w, sub_manifest(w["manifest"], n), out, **variant)
+    cfg = score_config(w, sub_manifest(w["manifest"], n), out, **extra)
     t0 = time.perf_counter()
     summary = score(cfg)
     seconds = time.perf_counter() - t0
     if summary.failed:
         raise SystemExit(f"{tag}: {summary.failed} donors failed: {dict(list(summary.failures.items())[:3])}")
-    return seconds
+    return seconds, summary
 
 
 def strategy_job(w: dict[str, Any], n: int, name: str, tag: str) -> dict[str, Any]:
     """One cascade or screen job on the first n donors in a fresh folder: its wall-clock and its compute in
     forward-example equivalents."""
-    from bench.scale_pool import sub_manifest
-    from engine.scoring import score
-
-    out = CACHE / "runs" / f"{tag}-{name}-n{n}"
-    shutil.rmtree(out, ignore_errors=True)
-    cfg = score_config(w, sub_manifest(w["manifest"], n), out, **STRATEGIES[name])
-    t0 = time.perf_counter()
-    summary = score(cfg)
-    seconds = time.perf_counter() - t0
-    record = json.loads((out / ("cascade.json" if name == "cascade" else "screen.json")).read_text())
+    seconds, summary = run_job(w, n, STRATEGIES[name], tag)
+    record = json.loads((summary.out / ("cascade.json" if name == "cascade" else "screen.json")).read_text())
     examples = record["examples"]
     fwd = summary.donor_examples + examples  # the base: scored on the whole sample once (nested prefixes)
     if name == "screen":
@@ -231,8 +224,8 @@ def measure(name: str, ns: tuple[int, ...], repeats: int) -> dict[str, Any]:
     for n in ns:
         limit.time(repeats)
         for i, (v, extra) in enumerate(VARIANTS.items()):
-            seconds[v][n] = job_seconds(w, n, extra, f"{name}-v{i}")
-    jobs = {name: strategy_job(w, max(ns), name, f"{name}-s") for name in STRATEGIES}
+            seconds[v][n] = run_job(w, n, extra, f"{name}-v{i}")[0]
+    jobs = {name: strategy_job(w, max(ns), name, f"{name}-s-{name}") for name in STRATEGIES}
     limit.time(repeats)
     lim = limit.summary()
     c = AutoConfig.from_pretrained(str(w["base"]))

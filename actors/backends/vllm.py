@@ -347,8 +347,7 @@ class VLLMBackend(Backend):
                 owners.append(req)
         outputs = self.llm.generate(prompts, self.sampling, lora_request=loras, use_tqdm=False)
         acc = {req.donor: DonorScore(req.donor, n_examples=len(sample.examples)) for req in group}
-        indices = list(range(len(sample.examples))) * len(group)
-        for out, req, ex, i in zip(outputs, owners, sample.examples * len(group), indices):
+        for out, req, (i, ex) in zip(outputs, owners, list(enumerate(sample.examples)) * len(group)):
             nll, hits, ntok = 0.0, 0, 0
             for j in range(max(ex.n_prompt, 1), len(ex.input_ids)):
                 target, entries = ex.input_ids[j], out.prompt_logprobs[j]

@@ -136,10 +136,9 @@ def paired_stderr(a: RoundStats, b: RoundStats) -> float:
         return math.inf
     tok = np.asarray(a.each_tok, dtype=np.float64)
     diff = np.asarray(a.each_nll) - np.asarray(b.each_nll)
-    total = tok.sum()
-    resid = diff - (diff.sum() / total) * tok
-    n = a.examples
-    return float(math.sqrt(float(resid @ resid) * n / (n - 1)) / total)
+    # the difference as one donor's statistics (same examples, same tokens): its stderr is the paired SE
+    return RoundStats(float(diff.sum()), 0.0, int(tok.sum()), a.examples, float(diff @ diff), float(diff @ tok),
+                      float(tok @ tok)).stderr
 
 
 def separated(stats: dict[str, RoundStats], candidates: Iterable[str], k: int, z: float) -> set[str]:
