@@ -23,31 +23,12 @@ from actors.backends.base import DonorRequest, DonorScore
 from engine.core.donor import DonorEntry
 from engine.core.data import EncodedSample
 from engine.core.errors import DonorError
+from engine.core.fault_hooks import fault_gate
 from engine.core.scores import BASE_ROW as BASE, score_row, set_fields
 
-# Fault-injection hooks, inert unless set; the driver forwards every MASHUP_TEST_* variable to its actors.
-FAULT_HOOK_PREFIX = "MASHUP_TEST_"
+# Fault-injection hooks, inert unless set (engine/core/fault_hooks.py); the driver forwards them to its actors.
 HANG_HOOK = "MASHUP_TEST_HANG_DONOR"  # a donor id: any call that includes it sleeps (a stand-in for a hung backend)
-# A donor id and a folder: a call that includes the donor writes `<folder>/entered-<pid>.json` (its pid, node and
-# donors) and waits until `<folder>/release` exists. A fault test then strikes while the call is known to be in flight.
-GATE_HOOK, GATE_DIR_HOOK = "MASHUP_TEST_GATE_DONOR", "MASHUP_TEST_GATE_DIR"
-GATE_RELEASE = "release"
-
-
-def fault_gate(where: dict[str, Any], donors: list[str]) -> None:
-    """The gate hook (inert unless both variables are set): announce this call, then hold it until released."""
-    import json
-    from pathlib import Path
-
-    from engine.core.atomic import atomic_write_text
-
-    donor, folder = os.environ.get(GATE_HOOK), os.environ.get(GATE_DIR_HOOK)
-    if not donor or not folder or donor not in donors:
-        return
-    gate = Path(folder)
-    atomic_write_text(gate / f"entered-{os.getpid()}.json", json.dumps({**where, "donors": donors}))
-    while not (gate / GATE_RELEASE).exists():
-        time.sleep(0.02)
+GATE_HOOK = "MASHUP_TEST_GATE_DONOR"  # a donor id: a call that includes it waits at the gate (MASHUP_TEST_GATE_DIR)
 
 
 @dataclass(frozen=True)
@@ -177,7 +158,8 @@ class DonorScorer:
         hang = os.environ.get(HANG_HOOK)
         if hang and hang in by_donor:
             time.sleep(3600)
-        fault_gate(self.where, list(by_donor))
+        donors = list(by_donor)
+        fault_gate(GATE_HOOK, lambda donor: donor in donors, {**self.where, "donors": donors})
         for score in self._score_recovering(requests, sample) if requests else []:
             rows[score.donor] = set_fields(result_row(by_donor.get(score.donor), score),
                                            **self.identity.get(score.donor, {}))

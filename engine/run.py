@@ -157,10 +157,10 @@ def finetune_one(cfg: RunConfig, arm: ArmSpec, lr: float | None, seed: int):
     """One arm × LR × seed: an unfinished attempt of this same run (a matching resumable state) goes on from its
     last state; anything else in the folder is discarded and the run starts from a clean one."""
     from engine.finetune import finetune
-    from engine.finetune.resume import matching_state
+    from engine.finetune.resume import has_state
 
     ft = cfg.finetune_config(arm, lr, seed)
-    if not matching_state(ft.out_path, ft.identity()):
+    if not has_state(ft):
         shutil.rmtree(ft.out, ignore_errors=True)
     log.info("finetune %s %s", arm.name, run_name(lr, seed))
     return finetune(ft)

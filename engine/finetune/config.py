@@ -23,7 +23,12 @@ class DeepSpeedSettings(StrictModel):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one process per worker)")
     use_gpu: bool = Field(False, description="one GPU per worker and NCCL; otherwise CPU and gloo")
     cpus_per_worker: float = Field(1, gt=0)
-    zero_stage: Literal[0, 1, 2] = Field(2, description="ZeRO-3 is not supported: eval and saving need full params")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="3 partitions the parameters too: each worker loads the "
+                                                        "base into host memory once, then holds 1/N of it")
+    max_failures: int = Field(3, ge=0, description="worker or node losses Ray Train recovers from (from the last state)")
+    storage_path: str | None = Field(None, description="where Ray Train keeps the resumable states (default <out>/"
+                                                       "ray_train); on several nodes a shared path or s3:// URI")
+    placement_strategy: Literal["PACK", "SPREAD"] = Field("PACK", description="SPREAD puts workers on different nodes")
     extra: dict[str, Any] = Field(
         default_factory=dict, description="merged over the generated DeepSpeed config (advanced)"
     )
@@ -47,8 +52,8 @@ class FinetuneSettings(StrictModel):
     eval_every: int = Field(0, ge=0, description="0 = only at step 0 and at the end")
     eval_samples: int | None = Field(None, ge=1, description="seeded subset of the eval file")
     eval_batch_tokens: int = Field(8192, ge=64)
-    save_every: int = Field(0, ge=0, description="adapter checkpoints every N steps, and (single executor) the resumable "
-                                                 "state a killed run continues from; 0 = final adapter only")
+    save_every: int = Field(0, ge=0, description="adapter checkpoints every N steps, and the resumable state a killed "
+                                                 "run continues from; 0 = final adapter only")
 
     lora: LoraSettings = Field(default_factory=LoraSettings)
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
@@ -109,6 +114,8 @@ class FinetuneConfig(FinetuneSettings):
 
         cfg = self.resolved()
         options = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("progress", "overwrite", "out")}
+        for where_it_runs in ("max_failures", "storage_path", "placement_strategy"):  # never change the arithmetic
+            options["deepspeed"].pop(where_it_runs)
         files = {k: sha256_file(getattr(cfg, k)) for k in ("data", "eval") if getattr(cfg, k)}
         base = self.base if self.base.startswith("hf://") else base_fingerprint(cfg.base)[1]
         return {"init_fingerprint": fingerprint(cfg.init) if cfg.init else None,

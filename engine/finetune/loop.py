@@ -5,7 +5,7 @@ Step 0 is an evaluation before any update, so a run from a merged adapter visibl
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, ContextManager, Protocol
 
 import torch
 
@@ -22,7 +22,11 @@ from engine.finetune.common import (
 from engine.finetune import resume
 from engine.finetune.config import FinetuneConfig
 from engine.finetune.outputs import ADAPTER_DIR, TrainLog, checkpoint_path, drop_checkpoints_after, save_adapter
+from engine.core.fault_hooks import fault_gate
 from engine.core.version import __version__
+
+# Fault tests only (engine/core/fault_hooks.py): every rank waits at the gate after the train row of these steps.
+STEP_GATE = "MASHUP_TEST_GATE_STEPS"
 
 AllSum = Callable[[torch.Tensor], torch.Tensor]
 
@@ -32,6 +36,7 @@ class Stepper(Protocol):
 
     module: Any  # the PeftModel: evaluated and saved
     forward: Any  # what the training forward pass calls (the DeepSpeed engine, or the PeftModel itself)
+    replicated_eval: bool  # every rank evaluates the whole held-out set (ZeRO-3: forwards are collectives)
 
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None: ...
 
@@ -40,10 +45,24 @@ class Stepper(Protocol):
 
     def lr(self) -> float: ...
 
+    def gathered(self) -> ContextManager[Any]:
+        """Inside it, the trainable parameters are whole on every rank (ZeRO-3 partitions them), for saving."""
 
-def _resumable(stepper: Any, world_size: int) -> bool:
-    """The single executor's state is one process's; a DeepSpeed run's optimizer is partitioned over its workers."""
-    return world_size == 1 and hasattr(stepper, "optimizer") and hasattr(stepper, "scheduler")
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's part of a resumable state (engine/finetune/resume.py)."""
+
+    def load_state_dict(self, parts: list[Any], rank: int) -> None:
+        """Put back what `state_dict` saved; `parts` holds every rank's."""
+
+
+class StateStore(Protocol):
+    """Where an executor keeps its resumable states (resume.LocalStates, deepspeed_ray.RayTrainStates)."""
+
+    def load(self) -> resume.ResumeState | None: ...
+
+    def save(self, step: int, part: Any) -> None: ...
+
+    def finish(self) -> None: ...
 
 
 def train(
@@ -55,18 +74,19 @@ def train(
     world_size: int = 1,
     all_sum: AllSum = lambda t: t,
     stop: resume.StopRequest | None = None,
+    states: StateStore | None = None,
 ) -> None:
-    """Train for `cfg.steps`; rank 0 writes the log, checkpoints and the final adapter under `cfg.out`. A single-
-    process run resumes from a matching `<out>/state/` and saves one every `save_every` steps and on a stop request
-    (engine/finetune/resume.py)."""
+    """Train for `cfg.steps`; rank 0 writes the log, checkpoints and the final adapter under `cfg.out`. With
+    `states`, the run resumes from the last state of this same run and saves one every `save_every` steps and on a
+    stop request (engine/finetune/resume.py)."""
     out = cfg.out_path
     is_main = rank == 0
-    resumable = _resumable(stepper, world_size)
     identity = cfg.identity() if is_main else {}
-    state = resume.load_state(out, identity) if resumable else None
+    state = states.load() if states is not None else None
     if state is not None:
-        resume.restore(state, stepper.module, stepper.optimizer, stepper.scheduler)
-        drop_checkpoints_after(out, state.step)
+        stepper.load_state_dict(state.parts, rank)
+        if is_main:
+            drop_checkpoints_after(out, state.step)
     start = state.step if state else 0
     log = TrainLog(out, resume_step=start if state else None) if is_main else None
     plan = BatchPlan(data.train, cfg)
@@ -75,18 +95,24 @@ def train(
     def run_eval(step: int) -> None:
         if data.eval is None:
             return
-        shard = evaluate_shard(cfg, stepper.module, tokenizer, data.eval, rank, world_size)
-        result = EvalResult.from_tensor(all_sum(shard.to_tensor()))
+        if stepper.replicated_eval:  # the same forwards on every rank; rank 0's result is the whole set's
+            result = evaluate_shard(cfg, stepper.module, tokenizer, data.eval)
+        else:
+            shard = evaluate_shard(cfg, stepper.module, tokenizer, data.eval, rank, world_size)
+            result = EvalResult.from_tensor(all_sum(shard.to_tensor()))
         if log:
             log.write(step, "eval", **result.summary())
 
     def save(path: Path, step: int) -> None:
-        if is_main:
-            info = {"step": step, "init": cfg.init, "engine_version": __version__, "config": cfg.model_dump(), **identity}
-            save_adapter(stepper.module, path, info)
+        with stepper.gathered():  # every rank enters: under ZeRO-3 gathering is a collective
+            if is_main:
+                info = {"step": step, "init": cfg.init, "engine_version": __version__, "config": cfg.model_dump(),
+                        **identity}
+                save_adapter(stepper.module, path, info)
 
     def save_state(step: int) -> None:
-        resume.save_state(out, step, stepper.module, stepper.optimizer, stepper.scheduler, identity)
+        if states is not None:
+            states.save(step, stepper.state_dict())
 
     if state is None:
         run_eval(0)
@@ -103,17 +129,19 @@ def train(
         grad_norm = stepper.step()
         if log:
             log.write(step, "train", loss=train_loss, lr=lr, grad_norm=grad_norm, n_tokens=n_tokens)
+        fault_gate(STEP_GATE, lambda steps: str(step) in steps.split(","), {"rank": rank, "step": step},
+                   subfolder=f"step-{step}")
         if is_due(step, cfg.eval_every, cfg.steps):
             run_eval(step)
         if cfg.save_every and step % cfg.save_every == 0:
             save(checkpoint_path(out, step), step)
-            if resumable and step < cfg.steps:
+            if step < cfg.steps:
                 save_state(step)
         if stop is not None and stop.requested is not None and step < cfg.steps:
-            if resumable:
-                save_state(step)
+            save_state(step)
             raise resume.StoppedCleanly(stop.requested, step, out)
     save(out / ADAPTER_DIR, cfg.steps)
     if log:
         log.close()
-    resume.discard(out)
+    if states is not None:
+        states.finish()

@@ -31,14 +31,13 @@ def preflight(config: FinetuneConfig) -> None:
 def claim_out_dir(config: FinetuneConfig) -> None:
     """A run's outputs never mix with an older run's: refuse, or clear them with `overwrite`. An unfinished run
     of this same config (a matching resumable state, engine/finetune/resume.py) is kept and resumed."""
-    from engine.finetune.resume import STATE_DIR, matching_state
+    from engine.finetune.resume import RAY_TRAIN_DIR, STATE_DIR, has_state
 
     out = config.out_path
-    if not config.overwrite and config.executor == "single" and not (out / ADAPTER_DIR).exists() \
-            and matching_state(out, config.identity()):
+    if not config.overwrite and not (out / ADAPTER_DIR).exists() and has_state(config):
         log.info("finetune: resuming the unfinished run in %s from its saved state", out)
         return
-    previous = [out / name for name in (ADAPTER_DIR, CHECKPOINTS_DIR, LOG_JSONL, LOG_PARQUET, STATE_DIR)
+    previous = [out / name for name in (ADAPTER_DIR, CHECKPOINTS_DIR, LOG_JSONL, LOG_PARQUET, STATE_DIR, RAY_TRAIN_DIR)
                 if (out / name).exists()]
     if previous and not config.overwrite:
         raise ConfigError(f"out: {out} already holds a finetune run ({previous[0].name}); choose another folder or overwrite")

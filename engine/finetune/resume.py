@@ -1,16 +1,22 @@
 """Resumable finetune state: what a killed run needs to continue exactly where its last save left it.
 
-Every `save_every` steps, and when the run is asked to stop (SIGTERM or SIGINT), the single executor writes
-`<out>/state/` atomically: the trainable LoRA tensors, AdamW's moments and step counts, the scheduler's counters,
-the torch RNG states, and the step. The data order needs nothing more: it is a function of the seed and the step
-(engine.finetune.common.BatchPlan). Tensors go to safetensors and everything else to JSON, so loading a state never
-unpickles anything. A state records the run's identity (FinetuneConfig.identity: the init adapter's fingerprint,
-the base, the data files' sha256 and every option that changes training) and is used only by a run with the same
-identity; any other state is discarded and the run starts again from step 0.
+Every `save_every` steps (and, single executor, when the run is asked to stop by SIGTERM or SIGINT) each rank saves
+its part: the trainable LoRA tensors, the optimizer (AdamW's moments and step counts; under DeepSpeed, this rank's
+ZeRO partition of them and of the float32 master weights), the scheduler's counters and the torch RNG states. The
+data order needs nothing more: it is a function of the seed and the step (engine.finetune.common.BatchPlan). A state
+folder holds `state.json` (the step, the world size and the run's identity) and one `rank-<r>.safetensors` +
+`rank-<r>.json` per rank (engine/finetune/state_codec.py), so loading a state never unpickles anything.
 
-Resumed, a run gives the same losses as an uninterrupted one, bit for bit on one CPU process (tests/engine/finetune/
-test_resume.py). Its `seconds` keep counting from the last row the killed run logged, so the work lost between the
-last state and the kill stays in the wall-clock; a `resume` row in log.jsonl says from which step it went on.
+Where the folder lives is the executor's: the single executor writes `<out>/state/` atomically (`LocalStates`);
+the DeepSpeed executor reports each state to Ray Train as a checkpoint, which Ray Train hands back to the workers it
+restarts after a fault (engine/finetune/deepspeed_ray.py). A state records the run's identity (FinetuneConfig.
+identity: the init adapter's fingerprint, the base, the data files' sha256 and every option that changes training)
+and is used only by a run with the same identity; any other state is discarded and the run starts from step 0.
+
+Resumed, a run gives the same losses as an uninterrupted one: bit for bit on one CPU process (tests/engine/finetune/
+test_resume.py), to the gloo reduction's noise under DeepSpeed (tests/reliability/test_finetune_faults.py). Its
+`seconds` keep counting from the last row the killed run logged, so the work lost between the last state and the
+kill stays in the wall-clock; a `resume` row in log.jsonl says from which step it went on.
 """
 from __future__ import annotations
 
@@ -26,11 +32,12 @@ from typing import Any
 import torch
 
 from engine.core.atomic import atomic_dir
+from engine.finetune.state_codec import read_tree, write_tree
 
 log = logging.getLogger("engine.finetune.resume")
 
 STATE_DIR = "state"
-TENSORS = "state.safetensors"
+RAY_TRAIN_DIR = "ray_train"
 META = "state.json"
 
 
@@ -38,90 +45,130 @@ META = "state.json"
 class ResumeState:
     step: int
     meta: dict[str, Any]
-    tensors: dict[str, torch.Tensor]
+    parts: list[Any]  # one decoded state dict per rank, in rank order (a single-process run has one)
 
 
-def save_state(out: Path, step: int, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
-               identity: dict[str, Any]) -> Path:
-    """`<out>/state/` for `step`, replacing the previous one in one rename: a kill mid-write keeps the old one."""
-    from safetensors.torch import save_file
-
-    tensors = {f"model/{name}": p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
-    opt = optimizer.state_dict()
-    opt_scalars: dict[str, dict[str, Any]] = {}
-    for idx, slots in opt["state"].items():
-        for key, value in slots.items():
-            if torch.is_tensor(value):
-                tensors[f"optimizer/{idx}/{key}"] = value.detach().contiguous().cpu()
-            else:
-                opt_scalars.setdefault(str(idx), {})[key] = value
-    tensors["rng/cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng/cuda/{i}"] = s
-    meta = {"step": step, "identity": identity, "param_groups": opt["param_groups"], "optimizer_scalars": opt_scalars,
-            "optimizer_slots": sorted(opt["state"]), "scheduler": scheduler.state_dict()}
-    final = out / STATE_DIR
-    with atomic_dir(final) as tmp:
-        save_file(tensors, str(tmp / TENSORS))
-        (tmp / META).write_text(json.dumps(meta, indent=1))
-    return final
+def rng_state() -> dict[str, Any]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"cpu": torch.get_rng_state(), "cuda": list(cuda)}
 
 
-def load_state(out: Path, identity: dict[str, Any]) -> ResumeState | None:
-    """The state in `out` when it belongs to a run with this identity; None (and the state removed) otherwise."""
-    folder = out / STATE_DIR
-    if not (folder / META).is_file() or not (folder / TENSORS).is_file():
-        return None
-    from safetensors.torch import load_file
+def set_rng_state(saved: dict[str, Any]) -> None:
+    torch.set_rng_state(saved["cpu"])
+    if saved["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])
 
+
+def load_trainable(params: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> None:
+    """Copy a state's trainable tensors into the model's, refusing a state that holds other tensors."""
+    if set(saved) != set(params):
+        raise RuntimeError(f"finetune state holds other trainable tensors than the model ({len(saved)} vs {len(params)})")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+
+
+def write_state(folder: Path, step: int, rank: int, world_size: int, part: Any, identity: dict[str, Any]) -> None:
+    """One rank's part of a state (`rank-<r>.safetensors` + `.json`); rank 0 also writes the meta (step, identity)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tree(folder, f"rank-{rank}", part)
+    if rank == 0:
+        (folder / META).write_text(json.dumps({"step": step, "world_size": world_size, "identity": identity}, indent=1))
+
+
+def read_state(folder: Path, identity: dict[str, Any]) -> ResumeState | None:
+    """The state in `folder` when it belongs to a run with this identity and is whole; None (and why, logged) else."""
     try:
         meta = json.loads((folder / META).read_text())
-        recorded = meta["identity"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        recorded, world_size = meta["identity"], int(meta["world_size"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
         log.warning("finetune state in %s is unreadable; starting again from step 0", folder)
-        discard(out)
         return None
     if recorded != identity:
         moved = sorted(k for k in set(recorded) | set(identity) if recorded.get(k) != identity.get(k))
         log.warning("finetune state in %s belongs to another run (%s differ); starting again from step 0",
                     folder, ", ".join(moved))
-        discard(out)
         return None
-    return ResumeState(int(meta["step"]), meta, load_file(str(folder / TENSORS)))
+    try:
+        parts = [read_tree(folder, f"rank-{r}") for r in range(world_size)]
+    except (OSError, json.JSONDecodeError, KeyError, ValueError) as exc:
+        log.warning("finetune state in %s is incomplete (%s); starting again from step 0", folder, exc)
+        return None
+    return ResumeState(int(meta["step"]), meta, parts)
+
+
+def save_state(out: Path, step: int, part: Any, identity: dict[str, Any]) -> Path:
+    """`<out>/state/` of a single-process run, replaced in one rename: a kill mid-write keeps the old one."""
+    final = out / STATE_DIR
+    with atomic_dir(final) as tmp:
+        write_state(tmp, step, 0, 1, part, identity)
+    return final
+
+
+def load_state(out: Path, identity: dict[str, Any]) -> ResumeState | None:
+    """The state in `out` when it belongs to a run with this identity; None (and the state removed) otherwise."""
+    if not (out / STATE_DIR / META).is_file():
+        return None
+    state = read_state(out / STATE_DIR, identity)
+    if state is None:
+        discard(out)
+    return state
 
 
 def matching_state(out: Path, identity: dict[str, Any]) -> bool:
     """Whether `out` holds a state this run can resume from (read without loading its tensors)."""
     try:
-        return json.loads((out / STATE_DIR / META).read_text())["identity"] == identity and \
-            (out / STATE_DIR / TENSORS).is_file()
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        meta = json.loads((out / STATE_DIR / META).read_text())
+        return meta["identity"] == identity and all(
+            (out / STATE_DIR / f"rank-{r}.safetensors").is_file() for r in range(int(meta["world_size"])))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
         return False
 
 
-def restore(state: ResumeState, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
-    """Put the model's trainable tensors, the optimizer, the scheduler and the RNGs back as they were saved."""
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    saved = {k[len("model/"):] for k in state.tensors if k.startswith("model/")}
-    if saved != set(params):
-        raise RuntimeError(f"finetune state holds other trainable tensors than the model ({len(saved)} vs {len(params)})")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(state.tensors[f"model/{name}"])
-    meta = state.meta
-    slots = {}
-    for idx in meta["optimizer_slots"]:
-        prefix = f"optimizer/{idx}/"
-        slot = {k[len(prefix):]: v for k, v in state.tensors.items() if k.startswith(prefix)}
-        slot.update(meta["optimizer_scalars"].get(str(idx), {}))
-        slots[int(idx)] = slot
-    optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
-    torch.set_rng_state(state.tensors["rng/cpu"])
-    cuda = [state.tensors[k] for k in sorted(state.tensors) if k.startswith("rng/cuda/")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+def ray_train_storage(cfg: Any) -> str:
+    """Where a DeepSpeed run's Ray Train keeps its states: `deepspeed.storage_path`, or `<out>/ray_train`."""
+    return cfg.deepspeed.storage_path or str(cfg.out_path / RAY_TRAIN_DIR)
+
+
+def ray_train_name(identity: dict[str, Any]) -> str:
+    """The Ray Train run name, by content: a rerun of the same run finds its states, another run never does."""
+    from engine.core.identity import key_of
+
+    return f"finetune-{key_of(identity)[:16]}"
+
+
+def has_state(cfg: Any) -> bool:
+    """Whether this run (either executor) has a state of its own to resume from, read without loading tensors.
+    A DeepSpeed run whose states live on remote storage (s3://...) is not looked into: Ray Train finds them."""
+    identity = cfg.identity()
+    if cfg.executor != "deepspeed":
+        return matching_state(cfg.out_path, identity)
+    storage = ray_train_storage(cfg)
+    if "://" in storage:
+        return False
+    for folder in (Path(storage) / ray_train_name(identity)).glob("state-*"):
+        try:
+            if json.loads((folder / META).read_text())["identity"] == identity:
+                return True
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return False
+
+
+class LocalStates:
+    """The single executor's states: `<out>/state/`, written every `save_every` steps and removed when the run ends."""
+
+    def __init__(self, out: Path, identity: dict[str, Any]):
+        self.out, self.identity = out, identity
+
+    def load(self) -> ResumeState | None:
+        return load_state(self.out, self.identity)
+
+    def save(self, step: int, part: Any) -> None:
+        save_state(self.out, step, part, self.identity)
+
+    def finish(self) -> None:
+        discard(self.out)
 
 
 def discard(out: Path) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -20,9 +19,10 @@ from typing import Any, Mapping
 from tqdm.auto import tqdm
 
 from actors.backends.base import DonorScore
-from actors.scorer import FAULT_HOOK_PREFIX, DonorScorer, ScoreTask, result_row
+from actors.scorer import DonorScorer, ScoreTask, result_row
 from engine.core.donor import DonorEntry
 from engine.core.errors import MashupError
+from engine.core.fault_hooks import fault_hook_env
 from engine.core.scores import BASE_ROW as BASE, set_fields
 from engine.core.ray_utils import WORKER_ENV, actor_cpus, cluster_has_gpus, ensure_ray
 
@@ -71,7 +71,7 @@ class ActorPoolRunner:
         gpus = self.cfg.gpus_per_actor
         if gpus == "auto":
             gpus = 1 if cluster_has_gpus() else 0
-        hooks = {k: v for k, v in os.environ.items() if k.startswith(FAULT_HOOK_PREFIX)}
+        hooks = fault_hook_env()
         cpus = actor_cpus(self.cfg.cpus_per_actor, self.cfg.actors)
         cls = ray.remote(self.actor_cls).options(**placement_options(self.cfg, gpus, cpus), max_restarts=0,
                                               max_task_retries=0, runtime_env={"env_vars": {**WORKER_ENV, **hooks}})
