@@ -1,12 +1,13 @@
 """Run by test_finetune_faults.py in its own process (it owns its Ray): a 2-worker DeepSpeed ZeRO-2 finetune under
 Ray Train on a `ray.cluster_utils.Cluster` of a head and two one-CPU worker raylets, first without a fault, then with
 two: a worker process SIGKILLed after step 3 (the last state is step 2's) and a worker's node removed after step 7
-(the last state is step 6's).
+(the last state is step 6's); then the driver itself: `mashup finetune` SIGKILLed after step 5 (the last state is
+step 4's), and the same command run again.
 
 "After step N" is made certain, not likely: the training loop's step gate (engine/finetune/loop.py, STEP_GATE) holds
 every rank after the train row of step N; the test strikes, waits until the struck process is gone, then releases.
 
-Prints `RESULT {json}`: both runs' logs, the struck pid and node, and the nodes still alive.
+Prints `RESULT {json}`: the runs' logs, the struck pid and node, and the nodes still alive.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from gate import release, wait_gone, wait_until
 
-KILL_AT, REMOVE_AT = 3, 7
+KILL_AT, REMOVE_AT, DRIVER_KILL_AT = 3, 7, 5
 
 
 def entered(gate: Path, step: int, alive) -> list[dict]:
@@ -44,6 +45,36 @@ def registered(snapshot: Path, step: int, alive) -> None:
         return result.get("checkpoint_dir_name") == f"state-{step:06d}"
 
     wait_until(latest, alive, f"Ray Train registered the state of step {step}", timeout_s=120)
+
+
+def kill_the_driver(cfg, root: Path, address: str) -> list[dict]:
+    """`mashup finetune` in its own process, SIGKILLed at the gate after DRIVER_KILL_AT (its Ray Train controller and
+    workers die with it), then the same command again: the log of the run it finishes."""
+    import subprocess
+    import sys
+
+    from engine.core.fault_hooks import GATE_DIR_HOOK
+    from engine.finetune.loop import STEP_GATE
+    from engine.finetune.outputs import read_log
+    from engine.finetune.resume import ray_train_name
+
+    path = root / "driver_killed.json"
+    path.write_text(cfg.model_dump_json())
+    gate = root / "gate_driver"
+    env = {**os.environ, STEP_GATE: str(DRIVER_KILL_AT), GATE_DIR_HOOK: str(gate), "RAY_ADDRESS": address}
+    command = [sys.executable, "-m", "engine.cli", "finetune", "--config", str(path)]
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    markers = entered(gate, DRIVER_KILL_AT, lambda: driver.poll() is None)
+    snapshot = Path(cfg.out) / "ray_train" / ray_train_name(cfg.identity()) / "checkpoint_manager_snapshot.json"
+    registered(snapshot, DRIVER_KILL_AT - 1, lambda: driver.poll() is None)
+    driver.kill()
+    driver.wait()
+    for marker in markers:
+        wait_gone(marker["pid"])
+    release(gate / f"step-{DRIVER_KILL_AT}")
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    return read_log(Path(cfg.out))
 
 
 def main() -> None:
@@ -100,11 +131,13 @@ def main() -> None:
     job.join(600)
     faulted = result["run"]
     alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    driver_killed = kill_the_driver(config("driver_killed"), root, cluster.address)
     print("RESULT " + json.dumps({
-        "reference": reference.log, "faulted": faulted.log, "killed_pid": killed["pid"],
+        "reference": reference.log, "faulted": faulted.log, "driver_killed": driver_killed, "killed_pid": killed["pid"],
         "removed_node": victim.node_id, "removed_alive": victim.node_id in alive,
         "adapters": [str(reference.adapter), str(faulted.adapter)],
-        "states_left": sorted(str(p) for p in (root / "faulted" / "ray_train").rglob("state.json")),
+        "states_left": sorted(str(p) for name in ("faulted", "driver_killed")
+                              for p in (root / name / "ray_train").rglob("state.json")),
         "seconds": {"reference": round(t_reference, 1), "total": round(time.monotonic() - t0, 1)},
     }), flush=True)
     ray.shutdown()

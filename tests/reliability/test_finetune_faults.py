@@ -1,5 +1,6 @@
 """A DeepSpeed finetune under Ray Train that loses a worker process (a real SIGKILL) and then a node
-(`Cluster.remove_node`) finishes with the uninterrupted run's losses, resumed each time from its last state.
+(`Cluster.remove_node`) finishes with the uninterrupted run's losses, resumed each time from its last state; and a
+`mashup finetune` whose driver is SIGKILLed goes on from its last state when the same command runs again.
 
 The cluster needs a Ray of its own, so the runs happen in a subprocess (tests/reliability/finetune_fault_job.py) that
 never touches the session's local Ray. The faults land at known steps, between two saves, whatever the machine's
@@ -61,3 +62,11 @@ def test_a_killed_worker_and_a_removed_node_resume_to_the_uninterrupted_losses(t
     seconds = [r["seconds"] for r in faulted]
     assert seconds == sorted(seconds)
     assert report["states_left"] == []
+
+    # the driver killed too: the same command again goes on from step 4's state, to the same losses
+    again = report["driver_killed"]
+    assert [(r["step"], r["lost_steps"]) for r in rows(again, "resume")] == [(4, 1)]
+    assert [r["loss"] for r in rows(again, "train")] == pytest.approx(
+        [r["loss"] for r in rows(reference, "train")], abs=GLOO_TOL)
+    assert [e["loss"] for e in rows(again, "eval")] == pytest.approx(
+        [e["loss"] for e in rows(reference, "eval")], abs=GLOO_TOL)
