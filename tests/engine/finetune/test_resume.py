@@ -132,3 +132,26 @@ def test_mashup_run_resumes_an_unfinished_arm(tmp_path, config, reference, monke
     (Path(cfg.out) / STATE_DIR / "state.json").write_text(json.dumps({"identity": {}}))
     run_stage.finetune_one(OneArm(), SimpleNamespace(name="arm"), None, 0)
     assert calls[-1] is None and not Path(cfg.out).exists()  # not this run's state: the folder was wiped
+
+
+def test_a_deepspeed_state_is_found_only_for_its_own_run(make_config, tmp_path):
+    """A DeepSpeed run's states sit in its Ray Train storage, under a name made from its identity: the same config
+    finds them (and preflight keeps the folder for the resume), another config, init or data never does."""
+    from engine.finetune.preflight import claim_out_dir
+    from engine.finetune.resume import RAY_TRAIN_DIR, has_state, ray_train_name, read_state, write_state
+
+    def cfg(**over):
+        return make_config(tmp_path / "ds", executor="deepspeed", deepspeed={"num_workers": 2}, **over)
+
+    mine = cfg()
+    folder = tmp_path / "ds" / RAY_TRAIN_DIR / ray_train_name(mine.identity()) / "state-000002"
+    for rank in (0, 1):
+        write_state(folder, 2, rank, 2, {"rank": rank}, mine.identity())
+    (tmp_path / "ds" / "log.jsonl").write_text("")
+    assert has_state(mine) and not has_state(cfg(lr=1e-2)) and not has_state(cfg(init=None, seed=1))
+    assert read_state(folder, mine.identity()).parts == [{"rank": 0}, {"rank": 1}]
+    assert read_state(folder, cfg(lr=1e-2).identity()) is None  # refused by content, even if found by path
+    claim_out_dir(mine.resolved())  # kept: this run resumes
+    assert folder.is_dir() and (tmp_path / "ds" / "log.jsonl").exists()
+    (folder / "rank-1.safetensors").unlink()
+    assert read_state(folder, mine.identity()) is None  # a state missing a rank's part is not used
