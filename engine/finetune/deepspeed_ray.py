@@ -251,7 +251,7 @@ def run_deepspeed(cfg: FinetuneConfig) -> None:
 
     ds = cfg.deepspeed
     env = {**WORKER_ENV, **deepspeed_env(ds.use_gpu), **fault_hook_env()}
-    storage, name = ray_train_storage(cfg), ray_train_name(cfg.identity())
+    storage, name = ray_train_storage(cfg), ray_train_name(cfg)
     apply_deepspeed_env(ds.use_gpu)
     ensure_ray(cfg.ray_address, include_dashboard=True)  # Ray Train's controller needs the State API
     resources = {"CPU": ds.cpus_per_worker, **({"GPU": 1} if ds.use_gpu else {})}

@@ -46,3 +46,19 @@ def claim_out_dir(config: FinetuneConfig) -> None:
             shutil.rmtree(path)
         else:
             path.unlink()
+    if config.executor == "deepspeed" and config.overwrite:
+        forget_ray_train_states(config)
+
+
+def forget_ray_train_states(config: FinetuneConfig) -> None:
+    """`overwrite` starts again from step 0: this run's Ray Train states go too, wherever storage_path points."""
+    from pathlib import Path
+
+    from engine.finetune.resume import ray_train_name, ray_train_storage
+
+    storage = ray_train_storage(config)
+    if "://" in storage:
+        log.warning("finetune: overwrite does not clear remote states; delete %s/%s for a run from step 0",
+                    storage, ray_train_name(config))
+        return
+    shutil.rmtree(Path(storage) / ray_train_name(config), ignore_errors=True)

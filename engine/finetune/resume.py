@@ -130,11 +130,13 @@ def ray_train_storage(cfg: Any) -> str:
     return cfg.deepspeed.storage_path or str(cfg.out_path / RAY_TRAIN_DIR)
 
 
-def ray_train_name(identity: dict[str, Any]) -> str:
-    """The Ray Train run name, by content: a rerun of the same run finds its states, another run never does."""
+def ray_train_name(cfg: Any) -> str:
+    """The Ray Train run name, from the run's identity and its out folder: a rerun of the same run finds its states;
+    another config, init or data never does, nor the same config writing to another folder (a shared storage_path
+    serves many runs)."""
     from engine.core.identity import key_of
 
-    return f"finetune-{key_of(identity)[:16]}"
+    return f"finetune-{key_of({**cfg.identity(), 'out': str(cfg.out_path)})[:16]}"
 
 
 def has_state(cfg: Any) -> bool:
@@ -146,7 +148,7 @@ def has_state(cfg: Any) -> bool:
     storage = ray_train_storage(cfg)
     if "://" in storage:
         return False
-    for folder in (Path(storage) / ray_train_name(identity)).glob("state-*"):
+    for folder in (Path(storage) / ray_train_name(cfg)).glob("state-*"):
         try:
             if json.loads((folder / META).read_text())["identity"] == identity:
                 return True

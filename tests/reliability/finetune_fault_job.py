@@ -65,7 +65,7 @@ def kill_the_driver(cfg, root: Path, address: str) -> list[dict]:
     command = [sys.executable, "-m", "engine.cli", "finetune", "--config", str(path)]
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     markers = entered(gate, DRIVER_KILL_AT, lambda: driver.poll() is None)
-    snapshot = Path(cfg.out) / "ray_train" / ray_train_name(cfg.identity()) / "checkpoint_manager_snapshot.json"
+    snapshot = Path(cfg.out) / "ray_train" / ray_train_name(cfg) / "checkpoint_manager_snapshot.json"
     registered(snapshot, DRIVER_KILL_AT - 1, lambda: driver.poll() is None)
     driver.kill()
     driver.wait()
@@ -112,7 +112,7 @@ def main() -> None:
     gate = root / "gate"
     os.environ.update({STEP_GATE: f"{KILL_AT},{REMOVE_AT}", GATE_DIR_HOOK: str(gate)})  # forwarded to the workers
     faulted_cfg = config("faulted")
-    snapshot = root / "faulted" / "ray_train" / ray_train_name(faulted_cfg.identity()) / \
+    snapshot = root / "faulted" / "ray_train" / ray_train_name(faulted_cfg) / \
         "checkpoint_manager_snapshot.json"
     result: dict = {}
     job = threading.Thread(target=lambda: result.update(run=finetune(faulted_cfg)))

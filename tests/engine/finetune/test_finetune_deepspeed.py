@@ -143,7 +143,7 @@ def test_two_workers_zero3_killed_once_end_with_zero2s_losses_and_save_whole_ada
     markers = wait_until(both_ranks, job.is_alive, "both ranks at step 4's gate")
     from engine.finetune.resume import ray_train_name, ray_train_storage
 
-    snapshot = Path(ray_train_storage(cfg.resolved())) / ray_train_name(cfg.identity()) / "checkpoint_manager_snapshot.json"
+    snapshot = Path(ray_train_storage(cfg.resolved())) / ray_train_name(cfg) / "checkpoint_manager_snapshot.json"
     wait_until(lambda: snapshot.is_file() and "state-000003" in snapshot.read_text(), job.is_alive,
                "Ray Train registered step 3's state")
     os.kill(markers[1]["pid"], signal.SIGKILL)

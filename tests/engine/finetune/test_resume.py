@@ -144,7 +144,7 @@ def test_a_deepspeed_state_is_found_only_for_its_own_run(make_config, tmp_path):
         return make_config(tmp_path / "ds", executor="deepspeed", deepspeed={"num_workers": 2}, **over)
 
     mine = cfg()
-    folder = tmp_path / "ds" / RAY_TRAIN_DIR / ray_train_name(mine.identity()) / "state-000002"
+    folder = tmp_path / "ds" / RAY_TRAIN_DIR / ray_train_name(mine) / "state-000002"
     for rank in (0, 1):
         write_state(folder, 2, rank, 2, {"rank": rank}, mine.identity())
     (tmp_path / "ds" / "log.jsonl").write_text("")
@@ -155,3 +155,25 @@ def test_a_deepspeed_state_is_found_only_for_its_own_run(make_config, tmp_path):
     assert folder.is_dir() and (tmp_path / "ds" / "log.jsonl").exists()
     (folder / "rank-1.safetensors").unlink()
     assert read_state(folder, mine.identity()) is None  # a state missing a rank's part is not used
+
+
+def test_a_shared_storage_path_keeps_each_out_folder_to_its_own_states(make_config, tmp_path):
+    """Several runs may share one deepspeed.storage_path: the same config writing elsewhere never resumes another
+    folder's run, and `overwrite` clears this run's states there too (it starts again from step 0)."""
+    from engine.finetune.preflight import claim_out_dir
+    from engine.finetune.resume import has_state, ray_train_name, write_state
+
+    shared = tmp_path / "shared"
+
+    def cfg(out: str, **over):
+        return make_config(tmp_path / out, executor="deepspeed",
+                           deepspeed={"num_workers": 2, "storage_path": str(shared)}, **over)
+
+    mine, elsewhere = cfg("a"), cfg("b")
+    assert mine.identity() == elsewhere.identity() and ray_train_name(mine) != ray_train_name(elsewhere)
+    folder = shared / ray_train_name(mine) / "state-000002"
+    for rank in (0, 1):
+        write_state(folder, 2, rank, 2, {"rank": rank}, mine.identity())
+    assert has_state(mine) and not has_state(elsewhere)
+    claim_out_dir(cfg("a", overwrite=True).resolved())
+    assert not (shared / ray_train_name(mine)).exists() and not has_state(mine)
