@@ -44,6 +44,7 @@ from engine.finetune.loop import train
 from engine.finetune.resume import (
     ResumeState,
     load_trainable,
+    local_ray_train_folder,
     ray_train_name,
     ray_train_storage,
     read_state,
@@ -276,8 +277,9 @@ def run_deepspeed(cfg: FinetuneConfig) -> None:
         if user_error is not None:
             raise user_error from None
         raise
-    if "://" not in storage:  # finished: like the single executor's, the run keeps no state
-        shutil.rmtree(Path(storage) / name, ignore_errors=True)
+    finished = local_ray_train_folder(cfg)
+    if finished is not None:  # like the single executor's, a finished run keeps no state
+        shutil.rmtree(finished, ignore_errors=True)
 
 
 def _find_user_error(exc: BaseException) -> MashupError | None:

@@ -58,6 +58,8 @@ class Stepper(Protocol):
 class StateStore(Protocol):
     """Where an executor keeps its resumable states (resume.LocalStates, deepspeed_ray.RayTrainStates)."""
 
+    identity: dict[str, Any]  # the run's (FinetuneConfig.identity), which every state records
+
     def load(self) -> resume.ResumeState | None: ...
 
     def save(self, step: int, part: Any) -> None: ...
@@ -81,7 +83,7 @@ def train(
     stop request (engine/finetune/resume.py)."""
     out = cfg.out_path
     is_main = rank == 0
-    identity = cfg.identity() if is_main else {}
+    identity = states.identity if states is not None else cfg.identity() if is_main else {}
     state = states.load() if states is not None else None
     if state is not None:
         stepper.load_state_dict(state.parts, rank)

@@ -52,13 +52,11 @@ def claim_out_dir(config: FinetuneConfig) -> None:
 
 def forget_ray_train_states(config: FinetuneConfig) -> None:
     """`overwrite` starts again from step 0: this run's Ray Train states go too, wherever storage_path points."""
-    from pathlib import Path
+    from engine.finetune.resume import local_ray_train_folder, ray_train_name, ray_train_storage
 
-    from engine.finetune.resume import ray_train_name, ray_train_storage
-
-    storage = ray_train_storage(config)
-    if "://" in storage:
+    folder = local_ray_train_folder(config)
+    if folder is None:
         log.warning("finetune: overwrite does not clear remote states; delete %s/%s for a run from step 0",
-                    storage, ray_train_name(config))
+                    ray_train_storage(config), ray_train_name(config))
         return
-    shutil.rmtree(Path(storage) / ray_train_name(config), ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)

@@ -139,16 +139,21 @@ def ray_train_name(cfg: Any) -> str:
     return f"finetune-{key_of({**cfg.identity(), 'out': str(cfg.out_path)})[:16]}"
 
 
+def local_ray_train_folder(cfg: Any) -> Path | None:
+    """This DeepSpeed run's folder in its Ray Train storage, when that storage is a local (or mounted) path; None
+    for an object store URI (s3://...), which mashup never looks into."""
+    storage = ray_train_storage(cfg)
+    return None if "://" in storage else Path(storage) / ray_train_name(cfg)
+
+
 def has_state(cfg: Any) -> bool:
     """Whether this run (either executor) has a state of its own to resume from, read without loading tensors.
     A DeepSpeed run whose states live on remote storage (s3://...) is not looked into: Ray Train finds them."""
     identity = cfg.identity()
     if cfg.executor != "deepspeed":
         return matching_state(cfg.out_path, identity)
-    storage = ray_train_storage(cfg)
-    if "://" in storage:
-        return False
-    for folder in (Path(storage) / ray_train_name(cfg)).glob("state-*"):
+    run_folder = local_ray_train_folder(cfg)
+    for folder in run_folder.glob("state-*") if run_folder is not None else []:
         try:
             if json.loads((folder / META).read_text())["identity"] == identity:
                 return True
