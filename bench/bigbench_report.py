@@ -230,8 +230,59 @@ def break_even(data: dict[str, dict], baseline: str, recycled: str | None, fast:
     return out
 
 
+CONTROLS = {"strategy": {"random-k", "worst-k"}, "method": {"random-norm"}}  # arms that pick or merge at random
+
+
+def recycling_arms(arms) -> list[str]:
+    """The arms that start from what selection picked (not scratch, not a choose arm, not a random control): the
+    merges a 'none' call says are not worth it."""
+    from engine.run_config import given
+
+    return [a.name for a in arms if a.init == "merge" and a.choose is None
+            and given(a.select).get("strategy") not in CONTROLS["strategy"]
+            and given(a.merge).get("method") not in CONTROLS["method"]]
+
+
+def merge_calls(data: dict[str, dict], baseline: str, recycled: list[str]) -> list[dict[str, Any]]:
+    """Was each choose arm's call right (issue 23)? A call of a merge is right when the arm, started from it, reaches
+    the baseline's final val metric at an earlier step than the baseline does; a call of `none` (a fresh LoRA) is
+    right when no recycling arm (`recycled`) does. The parity step is what recycling is for: a merge that only ends
+    level with scratch spent its selection for nothing."""
+    out = []
+    for t, d in data.items():
+        rows = {r["arm"]: r for r in d["rows"]}
+        goal = rows[baseline]["parity_pct"]
+        earlier = lambda r: r["parity_pct"] is not None and (goal is None or r["parity_pct"] < goal)  # noqa: E731
+        for arm, r in rows.items():
+            if not r.get("chosen"):
+                continue
+            merged = r["chosen"]["chosen"] != "none"
+            paid = earlier(r) if merged else any(earlier(rows[a]) for a in recycled if a in rows)
+            out.append({"target": t, "arm": arm, "call": r["chosen"]["chosen"], "merge": merged,
+                        "right": paid if merged else not paid, "parity_pct": r["parity_pct"], "baseline_parity_pct": goal,
+                        "recycled_parity_pct": {a: rows[a]["parity_pct"] for a in recycled if a in rows}})
+    return out
+
+
 def _f(x: Any, d: int = 3) -> str:
     return "—" if x is None else f"{x:.{d}f}"
+
+
+def render_calls(calls: list[dict[str, Any]]) -> list[str]:
+    """How often the merge-or-none call was right, and each target's call against the parity steps that judge it."""
+    if not calls:
+        return []
+    right = sum(c["right"] for c in calls)
+    nones = [c for c in calls if not c["merge"]]
+    lines = ["", f"**The merge-or-none call was right on {right} of {len(calls)} targets** ({len(nones)} called "
+             "none). Right: a merge called reaches scratch's final val metric at an earlier step than scratch; "
+             "none called, no recycling arm does.", "", "| target | call | parity of the call | scratch's parity | "
+             "recycling arms' parity | right |", "|---|---|---|---|---|---|"]
+    for c in calls:
+        others = ", ".join(f"{a} {_f(p, 0)}%" for a, p in c["recycled_parity_pct"].items())
+        lines.append(f"| {c['target']} | {c['call']} | {_f(c['parity_pct'], 0)}% | {_f(c['baseline_parity_pct'], 0)}% | "
+                     f"{others} | {'yes' if c['right'] else 'no'} |")
+    return lines
 
 
 def render(s: dict[str, Any]) -> str:
@@ -281,6 +332,7 @@ def render(s: dict[str, Any]) -> str:
             lines.append(f"| {t} | {c['chosen']} | {gain} | {_f(c['heldout_loss'][c['chosen']])} / "
                          f"{_f(c['heldout_loss'][c['heldout_best']])} | {c['heldout_best']} | {c['candidates']} | "
                          f"{c['seconds']:.0f} |")
+    lines += render_calls(s.get("merge_calls", []))
     lines += ["", "### Refused donors (the run carried on)", ""]
     for t, d in s["targets"].items():
         lines += [f"- {t}: " + "; ".join(f"`{x['donor']}`: {x['error']}" for x in d["refused"])]
@@ -339,7 +391,8 @@ def write_summary(cfg, main: dict, fast: dict, scale: str | None) -> Path:
                "donors": len(world["donors"]), "key": key, "world_targets": world_targets,
                "missing_targets": [t for t in world_targets if t not in data], "config": json.loads(cfg.model_dump_json()),
                "average": average(data, cfg.baseline), "targets": data,
-               "break_even": break_even(data, cfg.baseline, recycled, cfg.fast_arm if fast else None)}
+               "break_even": break_even(data, cfg.baseline, recycled, cfg.fast_arm if fast else None),
+               "merge_calls": merge_calls(data, cfg.baseline, recycling_arms(cfg.arms))}
     atomic_write_text(cfg.results, json.dumps(summary, indent=1, default=str))
     text = render(summary)
     atomic_write_text(cfg.results.with_suffix(".md"), text)

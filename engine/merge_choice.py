@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -101,6 +102,23 @@ def score_candidates(cfg: RunConfig, arm: ArmSpec, plan: list[Candidate], sample
     return summary
 
 
+def paired_z(store: Path, sample_id: str, names: list[str]) -> dict[str, float | None]:
+    """Each candidate's gain over the base in paired standard errors of the loss difference on the sample's own
+    examples (engine.scoring.cascade.paired_stderr): how surely the sample says the candidate beats the base at all,
+    beside `gain`, which says by how much. None where either row lacks per-example losses."""
+    from engine.core.scores import BASE_ROW, read_scores
+    from engine.scoring.cascade import RoundStats, paired_stderr
+
+    rows = read_scores(store)
+    rows = rows[(rows["sample_id"] == sample_id) & (rows["status"] == "ok") & (rows["kind"] == "exact")]
+    stats = {r["donor"]: RoundStats.from_row(r) for r in rows.to_dict("records")}
+    base, out = stats.get(BASE_ROW), {}
+    for name in names:
+        se = paired_stderr(stats[name], base) if base is not None and name in stats else math.inf
+        out[name] = None if not math.isfinite(se) or se == 0 else (base.loss - stats[name].loss) / se
+    return out
+
+
 def decide(ranked: list[dict[str, Any]], settings: ChooseSettings) -> tuple[str, str]:
     """(chosen name, why). `ranked` is best first by the select metric, each with its `gain` (the share of the
     base's sample loss it removes, None without a base loss); the best is kept unless its gain is under
@@ -130,12 +148,13 @@ def choose_merge(cfg: RunConfig, arm: ArmSpec, scope: dict[str, Any]) -> bool:
     scored = select_with_config(SelectConfig(scores=summary.out, sample=summary.sample_id, pool=summary.pool,
                                              strategy="all", metric=metric))
     by_name = {c.name: c for c in plan}
+    zs = paired_z(summary.out, summary.sample_id, [d.donor for d in scored.donors])
     rows = []
     for rank, d in enumerate(scored.donors):
         sel = selections[d.donor]
         gain = None if not scored.base_loss else (scored.base_loss - d.loss) / scored.base_loss
         rows.append({**asdict(by_name[d.donor]), "rank": rank + 1, "loss": d.loss, "token_accuracy": d.token_accuracy,
-                     "gain": gain, "fingerprint": d.fingerprint, "donors": [x.donor for x in sel.donors],
+                     "gain": gain, "z": zs.get(d.donor), "fingerprint": d.fingerprint, "donors": [x.donor for x in sel.donors],
                      "weights": [x.weight for x in sel.donors]})
     failed = sorted(set(by_name) - {r["name"] for r in rows})
     chosen, why = decide(rows, arm.choose)
@@ -175,13 +194,15 @@ def render_choices(choices: dict[str, dict[str, Any]]) -> list[str]:
         lines += [f"### Merge chosen for `{arm}`: {c['chosen']}", "",
                   f"{c['why']}. {c['forward_passes']} candidates, one forward over the sample each, "
                   f"{c['seconds']:.1f} s with their merges; base loss {c['base_loss']:.4g}.", "",
-                  "| candidate | donors | loss | token accuracy | share of base loss removed | |", "|---|---|---|---|---|---|"]
+                  "| candidate | donors | loss | token accuracy | share of base loss removed | paired SEs over the base | |",
+                  "|---|---|---|---|---|---|---|"]
         for r in c["candidates"]:
             acc = "—" if r["token_accuracy"] is None else f"{r['token_accuracy']:.4g}"
             gain = "—" if r["gain"] is None else f"{100 * r['gain']:.1f}%"
+            z = "—" if r.get("z") is None else f"{r['z']:.1f}"
             mark = "chosen" if r["name"] == c["chosen"] else ""
-            lines.append(f"| {r['name']} | {', '.join(r['donors'])} | {r['loss']:.4g} | {acc} | {gain} | {mark} |")
-        lines += [f"| none (fresh LoRA) | — | {c['base_loss']:.4g} | — | 0% | {'chosen' if c['chosen'] == NONE else ''} |", ""]
+            lines.append(f"| {r['name']} | {', '.join(r['donors'])} | {r['loss']:.4g} | {acc} | {gain} | {z} | {mark} |")
+        lines += [f"| none (fresh LoRA) | — | {c['base_loss']:.4g} | — | 0% | — | {'chosen' if c['chosen'] == NONE else ''} |", ""]
         if c["failed"]:
             lines += [f"Failed to score: {', '.join(c['failed'])}.", ""]
     return lines

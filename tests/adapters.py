@@ -64,6 +64,13 @@ def peft_deltas(base_dir: str | Path, adapter: str | Path) -> dict[str, torch.Te
 def peft_reference_loss(base_dir: str | Path, adapter: str | Path | None, sample) -> tuple[float, float]:
     """The independent check for every backend: one `PeftModel.from_pretrained` per donor, one example at a time,
     no padding, full logits. Returns (mean completion NLL in nats, token accuracy)."""
+    each = peft_reference_examples(base_dir, adapter, sample)
+    n = sum(t for _, _, t in each)
+    return sum(nll for nll, _, _ in each) / n, sum(h for _, h, _ in each) / n
+
+
+def peft_reference_examples(base_dir: str | Path, adapter: str | Path | None, sample) -> list[tuple[float, int, int]]:
+    """Per example of `sample`, as `peft_reference_loss` computes them: (completion NLL sum, hits, tokens)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -71,7 +78,7 @@ def peft_reference_loss(base_dir: str | Path, adapter: str | Path | None, sample
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter))
     model.eval()
-    nll, hits, n = 0.0, 0, 0
+    out = []
     with torch.no_grad():
         for ex in sample.examples:
             ids = torch.tensor([ex.input_ids])
@@ -79,10 +86,9 @@ def peft_reference_loss(base_dir: str | Path, adapter: str | Path | None, sample
             targets = ids[0, 1:]
             logp = torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0]
             sl = slice(ex.n_prompt - 1, None)
-            nll -= logp[sl].double().sum().item()
-            hits += (logits.argmax(-1)[sl] == targets[sl]).sum().item()
-            n += ex.n_completion
-    return nll / n, hits / n
+            out.append((-logp[sl].double().sum().item(), int((logits.argmax(-1)[sl] == targets[sl]).sum()),
+                        ex.n_completion))
+    return out
 
 
 def write_trained_adapter(base_dir: str | Path, out_dir: str | Path, sample, seed: int, steps: int = 30,

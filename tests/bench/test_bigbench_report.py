@@ -88,3 +88,32 @@ def test_lr_is_chosen_on_the_first_seeds_and_its_curve_averages_every_seed(tmp_p
     lr, curve = best_lr(rc, "arm", "token_accuracy", lr_seeds=1)
     assert lr == 3e-3 and curve["token_accuracy"].iloc[-1] == pytest.approx(0.3)  # (0.6 + 0.3 + 0.0) / 3
     assert best_lr(rc, "arm", "token_accuracy")[0] == 1e-3  # every seed at every LR: the plain seed mean
+
+
+def _choose_target(call: str, choose_pct, mashup_pct, scratch_pct=75.0):
+    d = _target(100.0, mashup_pct, 40.0)
+    d["rows"][0]["parity_pct"] = scratch_pct
+    choose = _row("choose", choose_pct, 50.0)
+    choose["chosen"] = {"chosen": call}
+    d["rows"] += [_row("random-2", 25.0, 10.0), choose]
+    return d
+
+
+def test_the_merge_or_none_call_is_judged_by_the_parity_it_buys():
+    from bench.bigbench_report import merge_calls, recycling_arms, render_calls
+    from engine.run_config import ArmSpec
+
+    arms = [ArmSpec.model_validate(a) for a in ({"name": "scratch", "init": "none"}, {"name": "mashup"},
+                                                {"name": "random-2", "select": {"strategy": "random-k", "seed": 0}},
+                                                {"name": "random-norm", "merge": {"method": "random-norm"}},
+                                                {"name": "choose", "choose": {}})]
+    assert recycling_arms(arms) == ["mashup"], "controls, scratch and the choose arm are not recycling arms"
+    data = {"merge-paid": _choose_target("top2-cat-uniform", 50.0, 75.0),  # earlier than scratch's 75%
+            "merge-level": _choose_target("top1", 75.0, 50.0),              # level with scratch: spent for nothing
+            "none-right": _choose_target("none", 75.0, 75.0),               # no recycling arm earlier (random-2 is a control)
+            "none-wrong": _choose_target("none", 75.0, 25.0)}               # mashup was earlier
+    got = {c["target"]: c["right"] for c in merge_calls(data, "scratch", ["mashup"])}
+    assert got == {"merge-paid": True, "merge-level": False, "none-right": True, "none-wrong": False}
+    text = "\n".join(render_calls(merge_calls(data, "scratch", ["mashup"])))
+    assert "**The merge-or-none call was right on 2 of 4 targets** (2 called none)" in text
+    assert "| none-wrong | none | 75% | 75% | mashup 25% | no |" in text

@@ -9,6 +9,7 @@ alone wins; donors of random noise remove almost nothing of the base's loss, so 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -128,7 +129,7 @@ def test_recorded_losses_equal_scoring_the_written_merges_as_donors(chooser, tmp
     from engine.scoring import score
     from engine.scoring.api import ScoreConfig
     from engine.selection import select
-    from tests.adapters import peft_reference_loss
+    from tests.adapters import peft_reference_examples, peft_reference_loss
     from transformers import AutoTokenizer
 
     choice, cfg = prepared(chooser, tmp_path, "merge-better")
@@ -144,6 +145,17 @@ def test_recorded_losses_equal_scoring_the_written_merges_as_donors(chooser, tmp
     for name in ("top2-linear-uniform", "top2-cat-mwa"):
         assert losses(choice)[name] == pytest.approx(peft_reference_loss(chooser["base"], adapters / name, sample)[0],
                                                      abs=1e-5), name
+    # the gain in paired SEs, from per-example reference forwards: d_i = base NLL_i - candidate NLL_i over t_i tokens,
+    # D = sum d / sum t, SE = sqrt(n / (n - 1) * sum (d_i - D t_i)^2) / sum t
+    base = peft_reference_examples(chooser["base"], None, sample)
+    for name in ("top1", "top2-linear-uniform"):
+        cand = peft_reference_examples(chooser["base"], adapters / name, sample)
+        d = [b[0] - c[0] for b, c in zip(base, cand)]
+        t = [c[2] for c in cand]
+        gap = sum(d) / sum(t)
+        se = math.sqrt(len(d) / (len(d) - 1) * sum((di - gap * ti) ** 2 for di, ti in zip(d, t))) / sum(t)
+        recorded = next(c["z"] for c in choice["candidates"] if c["name"] == name)
+        assert recorded == pytest.approx(gap / se, rel=1e-4), name
 
 
 def test_no_candidate_worth_it_starts_from_a_fresh_lora_and_trains_like_scratch(chooser, tmp_path):
