@@ -104,9 +104,16 @@ def worker_hash(paths: list[Path]) -> dict:
     return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu, "rss_before_mb": baseline}
 
 
-def worker_merge(paths: list[Path], out: Path) -> dict:
+def worker_merge(paths: list[Path], out: Path, before: bool = False) -> dict:
+    """Our merge; `before`: as it read donors until 2026-12-04 (per-key reads staged into float32, the files hashed
+    apart), the path a merge split into module groups still takes, so both run side by side in one bench."""
     import engine
     import engine.merge.streaming  # noqa: F401  imports before the clock: it measures the merge, not imports
+    from engine.merge import io
+
+    if before:
+        init = io.DonorReads.__init__
+        io.DonorReads.__init__ = lambda self, paths, whole, float32=True: init(self, paths, False, True)
 
     baseline = rss_now_mb()
     start, cpu = time.perf_counter(), time.process_time()
@@ -199,6 +206,8 @@ def summarize(rows: list[dict], sizes: list[int]) -> dict:
             by_n[large]["ours"]["peak_rss_mb"] / by_n[small]["ours"]["peak_rss_mb"], 3)
         summary["target_peak_rss_ratio"] = 1.1
     summary["throughput_vs_read_by_n"] = {r["n"]: r["throughput_vs_read"] for r in rows if "throughput_vs_read" in r}
+    summary["before_throughput_vs_read_by_n"] = {r["n"]: r["before_throughput_vs_read"] for r in rows
+                                                 if "before_throughput_vs_read" in r}
     summary["cpu_ratio_read_vs_ours_by_n"] = {r["n"]: r["cpu_ratio_read_vs_ours"] for r in rows if "cpu_ratio_read_vs_ours" in r}
     summary["target_throughput_vs_read"] = 0.5
     summary["peft_vs_ours_by_n"] = {
@@ -213,7 +222,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--peft-sizes", type=int, nargs="+", default=[10, 100])
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--worker", choices=("read", "hash", "merge", "peft"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("read", "hash", "merge", "merge-before", "peft"), help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--ours", type=Path, help=argparse.SUPPRESS)
@@ -225,8 +234,8 @@ def main() -> None:
             result = worker_read(paths)
         elif args.worker == "hash":
             result = worker_hash(paths)
-        elif args.worker == "merge":
-            result = worker_merge(paths, args.out)
+        elif args.worker in ("merge", "merge-before"):
+            result = worker_merge(paths, args.out, before=args.worker == "merge-before")
         else:
             result = worker_peft(paths, args.out, args.ours)
         print(json.dumps({**result, "peak_rss_mb": peak_rss_mb()}))
@@ -245,7 +254,10 @@ def main() -> None:
             if n in args.sizes:
                 row["read"] = best_of("read", n, Path(scratch) / f"read_{n}", args.repeats)
                 row["sha256_only"] = best_of("hash", n, Path(scratch) / f"hash_{n}", args.repeats)
+                row["before"] = best_of("merge-before", n, Path(scratch) / f"before_{n}", args.repeats)
                 row["ours"] = best_of("merge", n, ours_out, args.repeats)
+                if "seconds" in row["before"] and "seconds" in row["read"]:
+                    row["before_throughput_vs_read"] = round(row["read"]["seconds"] / row["before"]["seconds"], 3)
                 if "seconds" in row["ours"] and "seconds" in row["read"]:
                     row["throughput_vs_read"] = round(row["read"]["seconds"] / row["ours"]["seconds"], 3)
                     row["cpu_ratio_read_vs_ours"] = round(row["read"]["min_cpu_seconds"] / row["ours"]["min_cpu_seconds"], 3)
@@ -261,6 +273,7 @@ def main() -> None:
     summary = summarize(rows, args.sizes)
     result = {
         "bench": "merge",
+        "date": time.strftime("%Y-%m-%d"),
         "what": "linear merge of N synthetic bf16 LoRA donors (r=16, q/k/v/o, hidden 1024, 8 layers)",
         "sizes": rows,
         "summary": summary,
@@ -273,7 +286,11 @@ def main() -> None:
             "max(cpu_seconds, hasher_cpu_seconds)",
             "seconds: the fastest of --repeats runs; the machine is shared with other jobs, so compare ratios",
             "ours includes the header scan of every donor, sha256 of every donor file (merge_info.json), the streamed "
-            "write and the atomic rename",
+            "write and the atomic rename; a merge in one module group reads each small file once, whole, and hashes "
+            "those bytes, and linear adds bf16 factors into its float32 state without staging them",
+            "before: the same merge reading tensors by key, staged into float32, with the files hashed apart (in a "
+            "helper process from 64 MiB): how every merge read until 2026-12-04, and how a merge split into module "
+            "groups still reads",
             "read: safe_open + get_tensor of every tensor of the same files, nothing else (page cache warm)",
             "sha256_only: hashing the same files, for scale: ours hashes in a helper process beside the merge, "
             "which overlaps only when a second core is free",

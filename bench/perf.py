@@ -64,8 +64,10 @@ def rows() -> list[str]:
         lo, hi = min(sizes), max(sizes)
         out.append(f"| merge peak RSS, N = {hi} vs N = {lo} donors | `python -m bench.bench_merge` | **"
                    f"{sizes[hi]['ours']['peak_rss_mb'] / sizes[lo]['ours']['peak_rss_mb']:.3f}×** | {m.get('date', '—')} |")
-        out.append("| merge throughput vs a plain safetensors read | same | " + ", ".join(
-            f"{x['throughput_vs_read']:.2f}× (N={n})" for n, x in sorted(sizes.items())) + f" | {m.get('date', '—')} |")
+        before = lambda x: f"{x['before_throughput_vs_read']:.2f}× → " if "before_throughput_vs_read" in x else ""  # noqa: E731
+        out.append("| merge throughput vs a plain safetensors read (before → after one read per file, same run) | same | "
+                   + ", ".join(f"{before(x)}**{x['throughput_vs_read']:.2f}×** (N={n})" for n, x in sorted(sizes.items()))
+                   + f" | {m.get('date', '—')} |")
     c = _load("scale.json")
     if c:
         n, w = c["world"]["pool"], c["world"]

@@ -43,7 +43,8 @@ class ModuleSpec:
 
 @dataclass(frozen=True)
 class DonorModule:
-    """One donor's factors of one module, as float32, with its merge weight and LoRA scale.
+    """One donor's factors of one module, as float32 (in the file's dtype for a method with float32_inputs False),
+    with its merge weight and LoRA scale.
 
     The factors may be reused buffers: a method copies what it keeps beyond `add`.
     """
@@ -73,6 +74,7 @@ class MergeMethod:
     equal_ranks: bool = True
     options: frozenset[str] = frozenset()  # which of density / majority_sign / seed / svd_rank apply
     required_options: frozenset[str] = frozenset()
+    float32_inputs: bool = True  # False: `add` takes the donor's own dtype (it only adds into float32 state)
 
     def output_rank(self, options: MergeOptions) -> int:
         return options.donor_ranks[0]

@@ -6,12 +6,14 @@ read), so merged modules go to disk as soon as they are final and the output nev
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import struct
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -55,15 +57,89 @@ class Float32Staging:
 
 @contextlib.contextmanager
 def open_donor(name: str, weight_file: str | Path,
-               staging: Float32Staging) -> Iterator[Callable[[Sequence[str]], list[torch.Tensor]]]:
-    """A lazy reader on one donor's safetensors: `read(keys)` maps just those tensors in, as float32."""
+               staging: Float32Staging | None) -> Iterator[Callable[[Sequence[str]], list[torch.Tensor]]]:
+    """A lazy reader on one donor's safetensors: `read(keys)` maps just those tensors in (as float32 with `staging`)."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(weight_file), framework="pt") as handle:
-            yield lambda keys: staging.cast(keys, [handle.get_tensor(key) for key in keys])
+            if staging is None:
+                yield lambda keys: [handle.get_tensor(key) for key in keys]
+            else:
+                yield lambda keys: staging.cast(keys, [handle.get_tensor(key) for key in keys])
     except SafetensorError as exc:
         raise DonorError(name, f"cannot read {weight_file} ({exc})") from None
+
+
+class DonorReads:
+    """How a merge reads its donors' weight files and gets the digests merge_info.json records.
+
+    A merge that reads every file once (one module group, one pass) and whose files are small reads each one whole:
+    the digest is of the very bytes merged, hashed in a thread beside the merge, and each file is read once, where
+    hashing apart read it twice (a sha256 costs more than the read). Otherwise tensors are mapped in by key, once
+    per group and pass, and DonorHasher hashes the files beside the merge.
+
+    `float32`: the method wants float32 factors (staged by Float32Staging); `linear` adds bf16 factors into its
+    float32 state directly, which rounds the same and skips a copy of every donor.
+    """
+
+    def __init__(self, paths: Sequence[Path], whole: bool, float32: bool = True):
+        from engine.core.adapter import PRELOAD_MAX_BYTES
+
+        self.paths = [Path(p) for p in paths]
+        self.whole = whole and all(os.path.getsize(p) <= PRELOAD_MAX_BYTES for p in self.paths)
+        self.staging = Float32Staging() if float32 else None
+        self.digests: dict[Path, str] = {}
+        self.hasher = None if self.whole else DonorHasher(self.paths)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="merge-sha256") if self.whole else None
+        self.pending: Future | None = None
+
+    def _cast(self, keys: Sequence[str], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.staging.cast(keys, tensors) if self.staging is not None else tensors
+
+    @contextlib.contextmanager
+    def open(self, name: str, weight_file: Path) -> Iterator[Callable[[Sequence[str]], list[torch.Tensor]]]:
+        """`read(keys)`: those tensors of one donor (float32 when the method asks)."""
+        tensors = self._read_whole(Path(weight_file)) if self.whole and Path(weight_file) not in self.digests else None
+        if tensors is None:  # lazy reads, or a file that does not parse: the per-key reader names what is wrong
+            with open_donor(name, weight_file, self.staging) as read:
+                yield read
+            return
+        try:
+            yield lambda keys: self._cast(keys, [tensors[key] for key in keys])
+        except KeyError as exc:
+            raise DonorError(name, f"{weight_file} has no tensor {exc}") from None
+
+    def _read_whole(self, path: Path) -> dict[str, torch.Tensor] | None:
+        """The file's tensors from one read; its bytes are hashed in a thread while the merge adds them (hashlib
+        releases the GIL). At most two donors' bytes are alive: the previous hash is awaited before the next starts."""
+        from safetensors.torch import load
+
+        with open(path, "rb") as fh:
+            data = fh.read()
+        try:
+            tensors = load(data)
+        except Exception:  # noqa: BLE001 - corrupt: the per-key reader raises the donor's own error
+            return None
+        if self.pending is not None:
+            self.pending.result()
+        self.pending = self.pool.submit(lambda: self.digests.__setitem__(path, hashlib.sha256(data).hexdigest()))
+        self.digests.setdefault(path, "")  # read: a second pass over this file (a retry) reads it by key
+        return tensors
+
+    def result(self) -> list[str]:
+        """Each file's sha256, in the order given."""
+        if self.hasher is not None:
+            return self.hasher.result()
+        if self.pending is not None:
+            self.pending.result()
+        return [self.digests.get(p) or sha256_file(p) for p in self.paths]
+
+    def close(self) -> None:
+        if self.hasher is not None:
+            self.hasher.__exit__()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
 
 class DonorHasher:

@@ -22,6 +22,7 @@ class LinearState:
 
 class LinearMerge(MergeMethod):
     name = "linear"
+    float32_inputs = False  # `_foreach_add_` into the float32 state promotes bf16 factors exactly as a cast would
 
     def keeps_donor_scale(self, options: MergeOptions) -> bool:
         return options.shared_scale

@@ -6,6 +6,7 @@ one group (about one adapter in float32), whatever the number of donors.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ from engine.merge.donors import (
     union_modules, warn_on_base_mismatch, output_dtype,
 )
 from engine.merge.io import (
-    DonorHasher, Float32Staging, SafetensorsStreamWriter, atomic_output_dir, open_donor, write_json,
+    DonorReads, SafetensorsStreamWriter, atomic_output_dir, write_json,
 )
 from engine.merge.refactor import lora_scale, refactor_module
 from engine.merge.registry import get_method
@@ -154,14 +155,13 @@ def shared_scale(donors: Sequence[Donor]) -> float | None:
 
 def stream_modules(donors: Sequence[Donor], weights: Sequence[float], method: MergeMethod, options: MergeOptions,
                    groups: Sequence[Sequence[ModuleSpec]], rank: int, writer: SafetensorsStreamWriter,
-                   progress: bool, refactor: tuple[float, int, float] | None = None) -> None:
+                   progress: bool, reads: DonorReads, refactor: tuple[float, int, float] | None = None) -> None:
     """The hot loop: per group, per pass, per donor (one open file), per module: `method.add`.
 
     `refactor` = (the method's output scale, rank, alpha): each finished module is re-factored before it is written.
     """
     from tqdm.auto import tqdm
 
-    staging = Float32Staging()
     total = len(groups) * method.passes * len(donors)
     with tqdm(total=total, disable=not progress, unit="donor", desc=f"merge {method.name}", dynamic_ncols=True) as bar:
         for group in groups:
@@ -169,7 +169,7 @@ def stream_modules(donors: Sequence[Donor], weights: Sequence[float], method: Me
             for pass_index in range(method.passes):
                 for index, donor in enumerate(donors):
                     present = [(m.name, donor.modules[m.name]) for m in group if m.name in donor.modules]
-                    with open_donor(donor.name, donor.weight_file, staging) as read:
+                    with reads.open(donor.name, donor.weight_file) as read:
                         tensors = read([key for _, keys in present for key in (keys.a_key, keys.b_key)])
                     method.add_donor(
                         [states[name] for name, _ in present],
@@ -178,14 +178,28 @@ def stream_modules(donors: Sequence[Donor], weights: Sequence[float], method: Me
                         pass_index,
                     )
                     bar.update()
+            finished = []
             for module in group:
                 lora_A, lora_B = method.finish(states.pop(module.name))
                 if refactor is not None:
                     lora_A, lora_B = refactor_module(module.name, lora_A, lora_B, *refactor)
-                if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
-                    raise MashupError(f"merged module {module.name} is not finite: a donor holds NaN/Inf weights")
+                finished.append((module, lora_A, lora_B))
+            check_finite(finished)
+            for module, lora_A, lora_B in finished:
                 writer.write(module.a_key, lora_A)
                 writer.write(module.b_key, lora_B)
+
+
+def check_finite(finished: Sequence[tuple[ModuleSpec, torch.Tensor, torch.Tensor]]) -> None:
+    """Refuse a merged group with NaN/Inf, naming the first such module. One fused norm over the whole group (NaN
+    and Inf propagate into a norm); only a non-finite norm, which finite factors too large to square could also
+    give, is checked module by module."""
+    norms = torch._foreach_norm([t.float() for _, a, b in finished for t in (a, b)])
+    if torch.isfinite(torch.stack(norms)).all():
+        return
+    for module, lora_A, lora_B in finished:
+        if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
+            raise MashupError(f"merged module {module.name} is not finite: a donor holds NaN/Inf weights")
 
 
 def merge_is_current(config: MergeConfig) -> bool:
@@ -240,16 +254,18 @@ def merge_with_config(config: MergeConfig) -> Path:
         refactor = (lora_scale(adapter_config), config.refactor_rank, alpha)
         adapter_config.update(r=config.refactor_rank, lora_alpha=alpha, use_rslora=False)
 
-    with atomic_output_dir(config.out, config.overwrite) as tmp, DonorHasher([d.weight_file for d in donors]) as hasher:
+    reads = DonorReads([d.weight_file for d in donors], whole=len(groups) == 1 and method.passes == 1,
+                       float32=method.float32_inputs)
+    with atomic_output_dir(config.out, config.overwrite) as tmp, contextlib.closing(reads):
         writer = SafetensorsStreamWriter(tmp / WEIGHT_FILE, layout, dtype)
         try:
-            stream_modules(donors, weights, method, options, groups, rank, writer, progress, refactor)
+            stream_modules(donors, weights, method, options, groups, rank, writer, progress, reads, refactor)
             writer.close()
         except BaseException:
             writer.abort()
             raise
         write_json(tmp / CONFIG_FILE, adapter_config)
-        digests = hasher.result()
+        digests = reads.result()
         fingerprints = verify_scored(names, paths, scored, digests)
         write_json(tmp / MERGE_INFO_FILE, {
             "method": method.name,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from engine.core.errors import ConfigError, DonorError, MashupError
 from engine.merge.io import SafetensorsStreamWriter
@@ -53,6 +53,38 @@ def test_merge_info_records_method_donors_weights_hashes_and_version(donors, tmp
     assert info["method"] == "linear" and info["donors"] == [str(p) for p in inputs]
     assert info["weights"] == pytest.approx([0.25, 0.75]) and info["engine_version"] == __version__
     assert info["sha256"] == [hashlib.sha256((p / "adapter_model.safetensors").read_bytes()).hexdigest() for p in inputs]
+
+
+def test_whole_file_and_per_key_reads_merge_and_hash_the_same(donors, tmp_path, monkeypatch):
+    """One module group: each file is read once, whole, and its digest is of those bytes. A merge split into
+    groups reads tensors by key and hashes apart. Both give the same adapter, digests and key, for a bf16 pool
+    that `linear` adds without staging it into float32, and for `cat`, which takes float32 factors."""
+    from engine.merge import MergeConfig, io
+    from engine.merge.streaming import merge_with_config
+
+    inputs = []
+    for name in ("qv1", "qv3"):  # bf16 copies of the fixture donors
+        folder = tmp_path / f"bf16-{name}"
+        folder.mkdir()
+        (folder / "adapter_config.json").write_bytes((donors[name] / "adapter_config.json").read_bytes())
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(donors[name] / "adapter_model.safetensors").items()},
+                  folder / "adapter_model.safetensors")
+        inputs.append(folder)
+    made = []
+    init = io.DonorReads.__init__
+    monkeypatch.setattr(io.DonorReads, "__init__", lambda self, *a, **k: (init(self, *a, **k), made.append(self))[0])
+    for method in ("linear", "cat"):
+        whole = merge_with_config(MergeConfig(donors=[str(p) for p in inputs], weights=[1, 3], method=method,
+                                              out=tmp_path / f"{method}-whole"))
+        split = merge_with_config(MergeConfig(donors=[str(p) for p in inputs], weights=[1, 3], method=method,
+                                              out=tmp_path / f"{method}-split", accumulator_mb=0.001))
+        assert [r.whole for r in made[-2:]] == [True, False], "the first reads each file whole, the second by key"
+        assert made[-2].staging is None if method == "linear" else made[-2].staging is not None
+        assert (whole / "adapter_model.safetensors").read_bytes() == (split / "adapter_model.safetensors").read_bytes()
+        info = [json.loads((o / "merge_info.json").read_text()) for o in (whole, split)]
+        assert info[0]["sha256"] == info[1]["sha256"] == [
+            hashlib.sha256((p / "adapter_model.safetensors").read_bytes()).hexdigest() for p in inputs]
+        assert info[0]["key"] == info[1]["key"]
 
 
 def test_hasher_helper_process_matches_hashlib(donors):
@@ -107,3 +139,16 @@ def test_unusable_donors_are_named(donors, pickle_donor, tmp_path):
     with pytest.raises(DonorError, match="not found"):
         merge([donors["qv1"], tmp_path / "nowhere"], out=tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_the_group_finiteness_check_names_the_module_and_accepts_huge_finite_factors():
+    from engine.merge.base import ModuleSpec
+    from engine.merge.streaming import check_finite
+
+    spec = lambda name: ModuleSpec(name, f"{name}.lora_A.weight", f"{name}.lora_B.weight", (4,), 3)  # noqa: E731
+    huge = torch.full((2, 4), 3e30)  # finite, but its norm overflows float32: the per-module check decides
+    check_finite([(spec("q"), huge, torch.ones(3, 2)), (spec("v"), torch.ones(2, 4), torch.ones(3, 2))])
+    bad = torch.ones(3, 2)
+    bad[1, 0] = float("nan")
+    with pytest.raises(MashupError, match="merged module v is not finite"):
+        check_finite([(spec("q"), huge, torch.ones(3, 2)), (spec("v"), torch.ones(2, 4), bad)])
