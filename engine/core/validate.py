@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.adapter import CONFIG_FILE, DORA_UNSUPPORTED, WEIGHTS_FILE, Adapter, open_adapter, weights_path
-from engine.core.donor import inside
 from engine.core.errors import DonorError
 
 
@@ -67,8 +66,11 @@ def validate_donor(
         raise DonorError(donor, f"adapter folder not found: {folder}")
     weights_path(donor, folder)  # a pickle-only donor is named as such before its config is even read
     if root is not None:
+        # resolved once each (a resolve stats every component of the path): a file that is no symlink resolves
+        # to the resolved folder plus its name
+        root_r, folder_r = Path(root).resolve(), folder.resolve()
         for f in (folder / CONFIG_FILE, folder / WEIGHTS_FILE):
-            if f.exists() and not inside(root, f):
+            if f.exists() and not (f.resolve() if f.is_symlink() else folder_r / f.name).is_relative_to(root_r):
                 raise DonorError(donor, f"{f.name} resolves outside the pool root {root} (symlink?)")
     adapter = open_adapter(donor, folder, layouts)
     if adapter.config.raw.get("use_dora"):
@@ -116,8 +118,12 @@ def check_finite_weights(donor: str, weights: Path, tensors: dict | None = None)
     from safetensors import safe_open
 
     if tensors is not None:
-        floats = [t.reshape(-1).float() for t in tensors.values() if t.is_floating_point()]
-        if not floats or torch.isfinite(torch.cat(floats)).all():
+        # one fused norm per donor: NaN and Inf propagate into a norm; only a non-finite norm (which finite weights
+        # too large to square could also give) is looked into tensor by tensor
+        floats = [t for t in tensors.values() if t.is_floating_point()]
+        if not floats or torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(floats)])).all():
+            return
+        if all(torch.isfinite(t).all() for t in floats):
             return
         bad = next(k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
         raise DonorError(donor, f"non-finite weights (NaN/Inf) in {bad}")

@@ -62,3 +62,18 @@ def test_symlinked_weights_outside_root_are_refused(spec, pool_dir, tmp_path):
     (root / "d" / "adapter_model.safetensors").symlink_to(src / "adapter_model.safetensors")
     with pytest.raises(DonorError, match="outside the pool root"):
         validate_donor("d", root / "d", spec, root=str(root))
+
+
+def test_the_one_pass_finiteness_check_names_the_tensor_and_keeps_huge_finite_weights(tmp_path):
+    import torch
+
+    from engine.core.validate import check_finite_weights
+
+    huge = {"a.lora_A.weight": torch.full((4, 8), 3e30), "a.lora_B.weight": torch.ones(8, 4, dtype=torch.bfloat16),
+            "steps": torch.arange(3)}  # the norm of `huge` overflows float32; each value is finite
+    check_finite_weights("d", tmp_path / "unused.safetensors", huge)
+    for bad in (float("nan"), float("inf")):
+        tensors = {**huge, "b.lora_B.weight": torch.ones(8, 4, dtype=torch.bfloat16)}
+        tensors["b.lora_B.weight"][2, 1] = bad
+        with pytest.raises(DonorError, match=r"non-finite weights \(NaN/Inf\) in b.lora_B.weight"):
+            check_finite_weights("d", tmp_path / "unused.safetensors", tensors)
