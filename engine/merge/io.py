@@ -113,12 +113,11 @@ class DonorReads:
     def _read_whole(self, path: Path) -> dict[str, torch.Tensor] | None:
         """The file's tensors from one read; its bytes are hashed in a thread while the merge adds them (hashlib
         releases the GIL). At most two donors' bytes are alive: the previous hash is awaited before the next starts."""
-        from safetensors.torch import load
+        from engine.core.adapter import read_whole, tensors_from_bytes
 
-        with open(path, "rb") as fh:
-            data = fh.read()
         try:
-            tensors = load(data)
+            data = read_whole(path)
+            tensors = tensors_from_bytes(data)
         except Exception:  # noqa: BLE001 - corrupt: the per-key reader raises the donor's own error
             return None
         if self.pending is not None:
@@ -186,7 +185,12 @@ class DonorHasher:
 
 
 class SafetensorsStreamWriter:
-    """Writes tensors in a fixed, pre-declared order into a valid safetensors file, one at a time."""
+    """Writes tensors in a fixed, pre-declared order into a valid safetensors file, one at a time.
+
+    The file's sha256 (`digest`, merge_info.json's `adapter_sha256`) is computed from the bytes as they are
+    written, so the output is never read back. Durability is the caller's: the merge writes inside
+    `atomic_output_dir`, whose publish fsyncs every file once before the rename.
+    """
 
     def __init__(self, path: str | Path, layout: Sequence[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
                  metadata: dict[str, str] | None = None):
@@ -202,32 +206,35 @@ class SafetensorsStreamWriter:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
         self.file = open(path, "wb")
-        self.file.write(struct.pack("<Q", len(blob)))
-        self.file.write(blob)
+        self.hash = hashlib.sha256()
+        self._write(struct.pack("<Q", len(blob)))
+        self._write(blob)
+
+    def _write(self, data: bytes | memoryview) -> None:
+        self.hash.update(data)
+        self.file.write(data)
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         expected_key, expected_shape = self.pending.pop()
         if key != expected_key or tuple(tensor.shape) != tuple(expected_shape):
             raise RuntimeError(f"writer expected {expected_key} {expected_shape}, got {key} {tuple(tensor.shape)}")
         data = tensor.detach().to(self.dtype).contiguous().reshape(-1).view(torch.uint8)
-        self.file.write(data.numpy().data)
+        self._write(data.numpy().data)
 
-    def close(self) -> None:
+    def close(self) -> str:
+        """Closes the file and returns its sha256."""
         if self.pending:
             raise RuntimeError(f"writer closed with {len(self.pending)} tensors unwritten")
-        self.file.flush()
-        os.fsync(self.file.fileno())
         self.file.close()
+        return self.hash.hexdigest()
 
     def abort(self) -> None:
         self.file.close()
 
 
 def write_json(path: Path, payload: object) -> None:
-    with open(path, "w") as fh:
-        fh.write(json.dumps(payload, indent=2) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    """A JSON file inside the merge's atomic folder (its publish fsyncs it)."""
+    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
 
 
 @contextlib.contextmanager

@@ -15,7 +15,6 @@ from typing import Sequence
 
 import torch
 
-from engine.core.adapter import sha256_file
 from engine.core.errors import ConfigError, DonorError, MashupError
 from engine.merge.base import DonorModule, MergeMethod, MergeOptions, ModuleSpec
 from engine.merge.config import MergeConfig
@@ -260,7 +259,7 @@ def merge_with_config(config: MergeConfig) -> Path:
         writer = SafetensorsStreamWriter(tmp / WEIGHT_FILE, layout, dtype)
         try:
             stream_modules(donors, weights, method, options, groups, rank, writer, progress, reads, refactor)
-            writer.close()
+            adapter_sha256 = writer.close()
         except BaseException:
             writer.abort()
             raise
@@ -274,7 +273,7 @@ def merge_with_config(config: MergeConfig) -> Path:
             "sha256": digests,
             "fingerprints": fingerprints,
             "key": merge_key(config, names, weights, fingerprints),
-            "adapter_sha256": sha256_file(tmp / WEIGHT_FILE),
+            "adapter_sha256": adapter_sha256,
             "paths": [str(p) for p in paths],
             "engine_version": __version__,
             "options": {name: getattr(options, name) for name in sorted(method.options)},

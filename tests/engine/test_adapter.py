@@ -101,3 +101,40 @@ def test_a_layouts_cache_stays_bounded_and_keeps_its_answers(pool_dir, tmp_path,
         cached = open_adapter(folder.name, folder, layouts)
         assert len(layouts) <= 2
         assert cached.modules == open_adapter(folder.name, folder).modules
+
+
+def test_tensors_from_bytes_equal_safetensors_own_loader_and_copy_nothing(tmp_path):
+    """The zero-copy reader behind read_weights and the merge: every dtype and shape as safetensors' loader gives
+    it, each tensor a view into the one buffer (no copy), and a header that lies about its data is refused."""
+    import struct
+
+    import torch
+    from safetensors.torch import load, save_file
+
+    from engine.core.adapter import read_whole, tensors_from_bytes
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.randn(16, 64).bfloat16(), "b": torch.randn(3, 5), "half": torch.randn(2, 2).half(),
+               "empty": torch.empty(0, 4), "ints": torch.arange(7), "flags": torch.tensor([True, False, True]),
+               "f8": torch.randn(4, 4).to(torch.float8_e4m3fn)}, str(path), metadata={"format": "pt"})
+    data = read_whole(path)
+    views, reference = tensors_from_bytes(data), load(bytes(data))
+    assert views.keys() == reference.keys()
+    for key, want in reference.items():
+        got = views[key]
+        assert (got.dtype, got.shape) == (want.dtype, want.shape), key
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), key
+    buffer = torch.frombuffer(data, dtype=torch.uint8)
+    lo, hi = buffer.data_ptr(), buffer.data_ptr() + len(data)
+    assert all(lo <= t.data_ptr() < hi for t in views.values() if t.numel())
+    assert read_whole(path, max_bytes=len(data) - 1) is None
+
+    (length,) = struct.unpack_from("<Q", data)
+    header = json.loads(bytes(data[8:8 + length]))
+    header["b"]["data_offsets"][1] += 4  # claims more bytes than its shape holds
+    raw = json.dumps(header).encode().ljust(length)
+    with pytest.raises(ValueError, match="'b'"):
+        tensors_from_bytes(bytearray(data[:8] + raw + data[8 + length:]) if len(raw) == length
+                           else bytearray(struct.pack("<Q", len(raw)) + raw + data[8 + length:]))
+    with pytest.raises(ValueError, match="too short"):
+        tensors_from_bytes(bytearray(b"\x01\x02"))
