@@ -121,19 +121,27 @@ def paired_z(store: Path, sample_id: str, names: list[str]) -> dict[str, float |
 
 def decide(ranked: list[dict[str, Any]], settings: ChooseSettings) -> tuple[str, str]:
     """(chosen name, why). `ranked` is best first by the select metric, each with its `gain` (the share of the
-    base's sample loss it removes, None without a base loss); the best is kept unless its gain is under
-    `min_gain`, in which case the arm starts from a fresh LoRA (`none`)."""
+    base's sample loss it removes, None without a base loss) and `z` (its gain in paired standard errors, None
+    when the rows lack per-example losses). The best is kept unless it removes less than `min_gain` of the base's
+    loss or its z is under `min_z`: then the arm starts from a fresh LoRA (`none`). A large share can still be
+    noise on a small sample, and a tiny one can be sure but not worth a merge: each check catches what the other
+    cannot."""
     if not ranked:
         if settings.allow_none:
             return NONE, "no candidate merge scored ok"
         raise DataError("choose: no candidate merge scored ok and allow_none is false")
-    best, gain = ranked[0], ranked[0]["gain"]
+    best, gain, z = ranked[0], ranked[0]["gain"], ranked[0].get("z")
     if gain is None:
         return best["name"], "best candidate by the select metric (no base loss to compare with)"
+    removes = f"removes {100 * gain:.1f}% of the base's sample loss"
+    sure = "" if z is None else f" ({z:.1f} paired SEs)"
     if settings.allow_none and gain < settings.min_gain:
-        return NONE, (f"the best candidate {best['name']} removes {100 * gain:.1f}% of the base's sample loss, "
-                      f"less than min_gain {100 * settings.min_gain:.0f}%: a fresh LoRA")
-    return best["name"], f"best candidate by the select metric; removes {100 * gain:.1f}% of the base's sample loss"
+        return NONE, (f"the best candidate {best['name']} {removes}{sure}, less than min_gain "
+                      f"{100 * settings.min_gain:.0f}%: a fresh LoRA")
+    if settings.allow_none and z is not None and z < settings.min_z:
+        return NONE, (f"the best candidate {best['name']} {removes}, but only {z:.1f} paired SEs over the base, "
+                      f"less than min_z {settings.min_z:g}: the sample cannot tell it from noise, a fresh LoRA")
+    return best["name"], f"best candidate by the select metric; {removes}{sure}"
 
 
 def choose_merge(cfg: RunConfig, arm: ArmSpec, scope: dict[str, Any]) -> bool:
@@ -165,7 +173,7 @@ def choose_merge(cfg: RunConfig, arm: ArmSpec, scope: dict[str, Any]) -> bool:
     else:
         selections[chosen].write(arm_selection)
     record = {"arm": arm.name, "metric": metric, "sample_id": summary.sample_id, "pool": summary.pool,
-              "base_loss": scored.base_loss, "min_gain": arm.choose.min_gain, "allow_none": arm.choose.allow_none,
+              "base_loss": scored.base_loss, "min_gain": arm.choose.min_gain, "min_z": arm.choose.min_z, "allow_none": arm.choose.allow_none,
               "chosen": chosen, "why": why, "init": init, "candidates": rows, "failed": failed,
               "forward_passes": len(plan), "scored_now": summary.scored, "merged_now": redone,
               "seconds": time.perf_counter() - t0}

@@ -34,7 +34,8 @@ CHOICE_FILE = "choice.json"  # an arm's chosen merge (engine/merge_choice.py): e
 class ChooseSettings(StrictModel):
     """An arm that chooses its merge (engine/merge_choice.py): candidate merges of its top donors, each scored
     exactly on the run's sample like one more donor; the best by the select metric is kept, and a fresh LoRA when
-    even the best removes less than `min_gain` of the base's sample loss."""
+    even the best removes less than `min_gain` of the base's sample loss, or beats the base by fewer than `min_z`
+    paired standard errors (a gain the sample cannot tell from noise)."""
 
     ks: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 2, 3, 4], min_length=1,
                                                   description="how many of the top donors each candidate merges")
@@ -42,6 +43,9 @@ class ChooseSettings(StrictModel):
     weightings: list[Literal["uniform", "mwa"]] = Field(default_factory=lambda: ["uniform", "mwa"], min_length=1)
     min_gain: float = Field(0.2, ge=0, lt=1, description="the share of the base's sample loss the chosen merge "
                                                          "must remove; below it the arm starts from a fresh LoRA")
+    min_z: float = Field(2.0, ge=0, description="how many paired standard errors (per-example loss differences on "
+                                                "the sample) the chosen merge must beat the base by; below it, a "
+                                                "fresh LoRA. 0 turns the check off")
     allow_none: bool = Field(True, description="false: always finetune from the best candidate, however little it gains")
 
 

@@ -227,3 +227,22 @@ def test_a_donor_changed_in_place_remerges_and_rescores_its_candidates_like_a_fr
     fresh = json.loads((fresh_cfg.arm_dir(fresh_cfg.arms[0]) / "choice.json").read_text())
     assert again["chosen"] == fresh["chosen"]
     assert losses(again) == pytest.approx(losses(fresh), abs=1e-9)
+
+
+@pytest.mark.parametrize("gain, z, settings, want", [
+    (0.30, 5.0, {}, "top2"),                       # large and sure: kept
+    (0.30, 1.2, {}, "none"),                       # large but within noise on this sample: a fresh LoRA
+    (0.30, 1.2, {"min_z": 0}, "top2"),             # the paired check off
+    (0.30, None, {}, "top2"),                      # rows without per-example losses: only min_gain speaks
+    (0.10, 9.0, {}, "none"),                       # sure but small: under min_gain
+    (0.30, 1.2, {"allow_none": False}, "top2"),    # never a fresh LoRA
+])
+def test_the_none_call_needs_both_a_share_of_the_base_loss_and_paired_ses(gain, z, settings, want):
+    from engine.merge_choice import decide
+    from engine.run_config import ChooseSettings
+
+    ranked = [{"name": "top2", "gain": gain, "z": z}, {"name": "top1", "gain": gain / 2, "z": z}]
+    chosen, why = decide(ranked, ChooseSettings(**settings))
+    assert chosen == want, why
+    if want == "none":
+        assert ("min_z" in why) == (gain >= 0.2), why
