@@ -36,6 +36,27 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def settling_row(cg: dict) -> list[str]:
+    """The cascade's settling at the engine's defaults against no settling, on the whole pools and the small ones."""
+    from engine.scoring.cascade import CascadeConfig
+
+    z, least = CascadeConfig().settle_z, CascadeConfig().settle_min_examples
+    pick = {(r["pool"], r["settle_z"]): r for r in cg.get("settling", [])
+            if r["settle_z"] is None or (r["settle_z"] == z and r["settle_min_examples"] == least)}
+    pools = sorted({p for p, _ in pick}, key=lambda p: p != "all")
+    if not pools or any((p, None) not in pick or (p, z) not in pick for p in pools):
+        return []
+    pct = lambda r: f"{100 * r['mean_compute_fraction']:.1f}%"  # noqa: E731
+    label = {"all": f"the {cg['meta']['donors']}-donor pools"}
+    return [f"| cascade settling on the top-2 (`settle_k: 2`), same rows: compute vs exhaustive on "
+            + " and on ".join(label.get(p, f"{pick[(p, z)]['pools']} seeded {p}-donor pools") for p in pools)
+            + ", picks within 1 SE | same | "
+            + " and ".join(f"{pct(pick[(p, None)])} → **{pct(pick[(p, z)])}**" for p in pools)
+            + "; picks within 1 SE " + ", ".join(f"{pick[(p, None)]['within_one_se']}/{pick[(p, None)]['pools']} → "
+                                                 f"{pick[(p, z)]['within_one_se']}/{pick[(p, z)]['pools']}" for p in pools)
+            + f" | {cg['meta']['date']} |"]
+
+
 def rows() -> list[str]:
     """One table row per ratio, from whatever JSON the benches left (a missing bench is said, not hidden)."""
     out = []
@@ -114,6 +135,7 @@ def selection_rows() -> list[str]:
                        f"exhaustive, top-2 within 1 SE | `python -m bench.bench_cascade_grid` | **"
                        f"{100 * rec['mean_compute_fraction']:.1f}%**, {rec['targets_within_one_se']}/"
                        f"{len(cg['meta']['targets'])} targets | {cg['meta']['date']} |")
+        out += settling_row(cg)
     sc = _load("scale_256.json")
     if sc:
         (k, r), = sc["exhaustive_vs_cascade"].items()

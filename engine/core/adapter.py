@@ -91,13 +91,18 @@ def read_header_bytes(path: str | Path) -> tuple[bytes, int]:
 
 def parse_header(raw: bytes, data_size: int) -> dict[str, TensorInfo]:
     """key → TensorInfo, after checking that every tensor has a known dtype and lies exactly inside the data."""
+    return {key: info for key, info, _ in _checked_entries(raw, data_size)}
+
+
+def _checked_entries(raw: bytes, data_size: int) -> list[tuple[str, TensorInfo, int]]:
+    """(key, TensorInfo, start offset in the data) of every tensor, each checked to lie exactly inside the data."""
     try:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ValueError("header is not valid JSON") from None
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
-    out = {}
+    out = []
     for key, info in header.items():
         if key == "__metadata__":
             continue
@@ -109,7 +114,7 @@ def parse_header(raw: bytes, data_size: int) -> dict[str, TensorInfo]:
                 or not 0 <= start <= end <= data_size:
             raise ValueError(f"tensor {key!r} ({dtype} {list(shape)}) does not fit the file "
                              f"(offsets {start}..{end}, data {data_size} bytes)")
-        out[key] = TensorInfo(dtype, shape)
+        out.append((key, TensorInfo(dtype, shape), start))
     return out
 
 
@@ -369,8 +374,8 @@ def read_whole(path: str | Path, max_bytes: int = PRELOAD_MAX_BYTES) -> bytearra
 
 def tensors_from_bytes(data: bytearray) -> dict[str, Any]:
     """Every tensor of a safetensors file held in `data`, as views into it: no copy, where safetensors' own
-    `load(bytes)` copies each tensor out of the buffer (a third of a small merge's time). The header is checked
-    by `parse_header` (dtypes known, every tensor exactly inside the data). A file laid out so that a tensor is
+    `load(bytes)` copies each tensor out of the buffer. The header gets parse_header's checks (dtypes known,
+    every tensor exactly inside the data). A file laid out so that a tensor is
     not aligned to its element size, or a big-endian host, goes through safetensors' copying loader instead."""
     import sys
 
@@ -379,14 +384,11 @@ def tensors_from_bytes(data: bytearray) -> dict[str, Any]:
     (length,) = struct.unpack_from("<Q", data) if len(data) >= 8 else (None,)
     if length is None or length > len(data) - 8:
         raise ValueError("file too short to be safetensors")
-    raw = bytes(memoryview(data)[8:8 + length])
     base = 8 + length
-    header = parse_header(raw, len(data) - base)
-    offsets = json.loads(raw)
     views = {}
-    for key, info in header.items():
+    for key, info, offset in _checked_entries(bytes(memoryview(data)[8:base]), len(data) - base):
         dtype = getattr(torch, TORCH_DTYPE_NAMES[info.dtype])
-        start = base + offsets[key]["data_offsets"][0]
+        start = base + offset
         count = math.prod(info.shape)
         if sys.byteorder != "little" or start % DTYPE_BYTES[info.dtype]:
             from safetensors.torch import load

@@ -14,8 +14,12 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
+from engine.core.adapter import CONFIG_FILE as ADAPTER_CONFIG, combine_fingerprint, sha256_file
 from engine.core.errors import ConfigError, DonorError, MashupError
+from engine.core.identity import key_of
+from engine.core.version import __version__
 from engine.merge.base import DonorModule, MergeMethod, MergeOptions, ModuleSpec
 from engine.merge.config import MergeConfig
 from engine.merge.donors import (
@@ -83,8 +87,6 @@ def merge_key(config: MergeConfig, names: Sequence[str], weights: Sequence[float
               fingerprints: Sequence[str | None]) -> str:
     """What a merged adapter is a function of: the method, every option that changes the result, and each
     donor's name, weight and content. `mashup run` redoes a merge whose key moved (engine.core.identity)."""
-    from engine.core.identity import key_of
-
     options = config.model_dump(mode="json", exclude={"selection", "donors", "weights", "out", "overwrite", "progress",
                                                       "accumulator_mb"})
     return key_of({"options": options, "donors": [[n, round(w, 12), f] for n, w, f in zip(names, weights, fingerprints)]})
@@ -94,11 +96,9 @@ def verify_scored(names: Sequence[str], paths: Sequence[Path], scored: Sequence[
                   weight_digests: Sequence[str]) -> list[str]:
     """Each donor's content fingerprint; a donor whose files changed since they were scored is refused: a
     merge must read the files that the selection ranked."""
-    from engine.core.adapter import CONFIG_FILE as CONFIG, combine_fingerprint, sha256_file as digest
-
     fingerprints = []
     for name, path, want, weights_sha in zip(names, paths, scored, weight_digests):
-        got = combine_fingerprint(digest(path / CONFIG), weights_sha)
+        got = combine_fingerprint(sha256_file(path / ADAPTER_CONFIG), weights_sha)
         if want is not None and got != want:
             raise DonorError(name, f"{path} changed since it was scored (content fingerprint {got[:12]}, scored "
                                    f"{want[:12]}); rerun `mashup score` (it rescores changed donors), then select")
@@ -159,8 +159,6 @@ def stream_modules(donors: Sequence[Donor], weights: Sequence[float], method: Me
 
     `refactor` = (the method's output scale, rank, alpha): each finished module is re-factored before it is written.
     """
-    from tqdm.auto import tqdm
-
     total = len(groups) * method.passes * len(donors)
     with tqdm(total=total, disable=not progress, unit="donor", desc=f"merge {method.name}", dynamic_ncols=True) as bar:
         for group in groups:
@@ -220,8 +218,6 @@ def merge_is_current(config: MergeConfig) -> bool:
 
 def merge_with_config(config: MergeConfig) -> Path:
     """Config-driven merge shared by the CLI, the Python API and `mashup run`; returns the adapter folder."""
-    from engine.core.version import __version__
-
     if config.out is None:
         raise ConfigError("out: required (the folder for the merged adapter)")
     names, paths, weights, scored = resolve_donors(config)
