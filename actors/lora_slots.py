@@ -58,14 +58,24 @@ class LoraSlots:
         self.names = [f"s{i}" for i in range(n)]
         self._slot_names = frozenset(self.names)
         self.peft = get_peft_model(model, cfg, adapter_name=self.names[0])
-        for name in self.names[1:]:
-            self.peft.add_adapter(name, cfg)
-        self.peft.eval()
         self.layers = {
             name.removeprefix("base_model.model."): mod
             for name, mod in self.peft.named_modules()
             if hasattr(mod, "lora_A") and self.names[0] in mod.lora_A
         }
+        # The other slots go straight into the LoRA layers the first injection made, with the call PEFT's own
+        # `_create_and_replace` makes for an existing LoRA layer. `add_adapter` would walk the whole model once per
+        # slot, and each walk grows with the slots already added: 1 s for 16 slots on a 4-layer model, most of
+        # a scorer's start-up (tests/actors: every slot path against an independent PEFT forward).
+        # Each new slot takes the dtype PEFT gave the first (its autocast_adapter_dtype keeps adapters in float32).
+        for name in self.names[1:]:
+            self.peft.peft_config[name] = cfg
+            for key, layer in self.layers.items():
+                layer.update_layer(name, rank, lora_alpha=rank, target_name=key, config=cfg)
+                dtype = layer.lora_A[self.names[0]].weight.dtype
+                layer.lora_A[name].to(dtype)
+                layer.lora_B[name].to(dtype)
+        self.peft.eval()
         self.free = list(reversed(self.names))
         self.owner: dict[str, str] = {}
         self._zero_all()

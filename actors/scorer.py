@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -93,10 +94,10 @@ class DonorScorer:
         return os.getpid()
 
     def node(self) -> str:
-        """The Ray node id, or "local" for the in-process scorer (executor: local)."""
-        import ray
-
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        """The Ray node id, or "local" for the in-process scorer (executor: local), which never imports Ray (half a
+        second of its start-up): a process that has not imported Ray is not running in it."""
+        ray = sys.modules.get("ray")
+        return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else "local"
 
     def resident(self) -> list[str]:
         return self.backend.resident()
