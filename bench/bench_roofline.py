@@ -12,7 +12,8 @@ Per base, in one run, on one machine, same threads:
   loads, PEFT's per-adapter work and the store, per donor.
 Variants side by side, each adding one change of issue 22 to the last: `before` (cpus_per_actor: 1 and PEFT's
 mixed-batch forward, the defaults until 2026-12-03), `+ all cores` (cpus_per_actor: auto), `+ segmented slots`
-(lora_forward: segments, actors/lora_slots.py): today's defaults.
+(lora_forward: segments, actors/lora_slots.py), `+ grouped slots` (lora_forward: grouped, mixed passes of equal
+slices, each layer's deltas in two batched matmuls): today's defaults.
 
 The cascade (engine defaults with `settle_k: 2`) and the screen (engine defaults) are run on the largest pool too,
 and their wall-clock is set against their compute: forward-example equivalents (donor × example pairs scored, the
@@ -48,7 +49,8 @@ DONORS = {"cpu": {"tiny": (64, 500), "wide": (8, 24), "smollm2": (4, 12)},
 VARIANTS = {  # each step of the speed work, from the old defaults to today's
     "before": {"cpus_per_actor": 1, "backend_options": {"lora_forward": "peft"}},
     "+ all cores": {"backend_options": {"lora_forward": "peft"}},
-    "+ segmented slots (today)": {},
+    "+ segmented slots": {"backend_options": {"lora_forward": "segments"}},
+    "+ grouped slots (today)": {},
 }
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 STRATEGIES = {"cascade": {"strategy": "cascade", "cascade": {"settle_k": 2}}, "screen": {"strategy": "screen"}}
@@ -335,7 +337,10 @@ def render(res: dict[str, Any]) -> str:
               "those methods in the same jobs, marginal like the rest; the remaining overhead is inside the forward "
               "(the LoRA's own FLOPs and the hooks that add them).", "", "`before`: `cpus_per_actor: 1` (the old default: one torch thread however many cores) and PEFT's "
               "mixed-batch forward; `+ all cores`: `cpus_per_actor: auto`; `+ segmented slots`: each donor's rows one "
-              "slice of the pass, its LoRA delta added by a hook (`lora_forward: segments`), today's defaults."]
+              "slice of the pass, its LoRA delta added by a hook (`lora_forward: segments`); `+ grouped slots`: every donor of "
+              "a mixed pass over the same examples, the deltas of all its slices in two batched matmuls per layer "
+              "(`lora_forward: grouped`), today's defaults. A base measured before a variant existed has no row "
+              "for it."]
     return "\n".join(lines)
 
 

@@ -38,11 +38,12 @@ class HFOptions(BackendOptions):
         "batch_tokens, else mixes donors; 'mixed' always mixes donors (rows length-sorted over all donors); "
         "'by_donor' always runs one donor per pass. Scores are the same; only speed differs (docs/gpu.md)",
     )
-    lora_forward: Literal["segments", "peft"] = Field(
-        "segments",
+    lora_forward: Literal["grouped", "segments", "peft"] = Field(
+        "grouped",
         description="how a pass of slot donors adds their LoRA deltas: 'segments' groups each donor's rows and adds "
-        "its delta to that slice (actors.lora_slots); 'peft' uses PEFT's mixed-batch forward (adapter_names). "
-        "Scores are the same; passes that hold a donor PEFT loaded itself always use PEFT's",
+        "its delta to that slice (actors.lora_slots); 'grouped' does the same, with every donor's delta in two "
+        "batched matmuls per layer when the donors' slices are equal (mixed passes); 'peft' uses PEFT's mixed-batch "
+        "forward (adapter_names). Scores are the same; passes that hold a donor PEFT loaded itself always use PEFT's",
     )
     slot_dtype: Literal["model", "float32"] = Field(
         "model",
@@ -103,7 +104,8 @@ class HFBackend(Backend):
         if self.slots is not None:
             targets, rank = targets | self.slots.targets, max(rank, self.slots.rank)
         base = self.peft.unload() if self.peft is not None else self.model
-        self.slots = LoraSlots(base, self.options.max_resident, targets, rank)
+        self.slots = LoraSlots(base, self.options.max_resident, targets, rank,
+                               group=self.options.lora_forward == "grouped")
         self._cast_slots()
         self.peft = self.slots.peft
         self._forward_name.clear()
@@ -165,8 +167,8 @@ class HFBackend(Backend):
 
     def _chunks(self, group: list[DonorRequest], sample: EncodedSample):
         """Forward passes as lists of (length, example index, request): one donor per pass when each donor's rows
-        fill at least one pass (or `passes="by_donor"`), else several donors per pass (or `passes="mixed"`);
-        length-sorted either way, so padding stays small."""
+        fill at least one pass (or `passes="by_donor"`), else several donors per pass over the same examples (or
+        `passes="mixed"`); length-sorted either way, so padding stays small."""
         budget, passes = self.options.batch_tokens, self.options.passes
         fills = sum(len(ex.input_ids) for ex in sample.examples) >= budget
         if passes == "by_donor" or (passes == "auto" and fills):
@@ -174,12 +176,16 @@ class HFBackend(Backend):
             for req in group:
                 yield from chunk_by_tokens([(n, i, req) for n, i in order], lambda row: row[0], budget)
             return
-        rows = sorted(
-            ((len(ex.input_ids), i, req) for req in group for i, ex in enumerate(sample.examples)),
-            key=lambda t: (t[0], t[2].int_id, t[1]),
-        )
-        for chunk in chunk_by_tokens(rows, lambda row: row[0], budget):  # each donor's rows consecutive in a pass
-            yield sorted(chunk, key=lambda t: (t[2].int_id, t[1]))
+        # Several donors per pass, each with the same examples: every pass holds equal, back-to-back segments, one
+        # per donor, which the LoRA slots add in one batched matmul per layer (LoraSlots._add_grouped). As many
+        # donors share a pass as the longest example allows; their examples are chunked by the budget's share.
+        order = sorted((len(ex.input_ids), i) for i, ex in enumerate(sample.examples))
+        per_pass = max(1, min(len(group), budget // max(1, order[-1][0])))
+        ranked = sorted(group, key=lambda req: req.int_id)
+        for k in range(0, len(ranked), per_pass):
+            donors = ranked[k:k + per_pass]
+            for chunk in chunk_by_tokens(order, lambda row: row[0], max(1, budget // len(donors))):
+                yield [(n, i, req) for req in donors for n, i in chunk]
 
     @torch.inference_mode()
     def _score_group(self, group: list[DonorRequest], sample: EncodedSample) -> dict[str, DonorScore]:
@@ -194,7 +200,7 @@ class HFBackend(Backend):
             names = [self._forward_name.get(self.adapter_name(req), BASE) for _, _, req in chunk]
             head = self.model.get_output_embeddings()
             gather = completion_head(self.model, batch) if isinstance(head, torch.nn.Linear) else _nothing()
-            segments = self.slots is not None and self.options.lora_forward == "segments" and all(
+            segments = self.slots is not None and self.options.lora_forward != "peft" and all(
                 n == BASE or self.slots.is_slot(n) for n in names)
             if self.slots is not None and not segments:
                 self.slots.peft_mode()

@@ -117,7 +117,9 @@ def test_hub_fetches_no_pickles():
 
 
 @pytest.mark.parametrize("passes", ["mixed", "by_donor"])
-def test_segmented_slots_give_the_rows_peft_mixed_batches_give(base_dir, variety, sample, passes, monkeypatch):
+@pytest.mark.parametrize("slot_forward", ["segments", "grouped"])
+def test_segmented_slots_give_the_rows_peft_mixed_batches_give(base_dir, variety, sample, passes, slot_forward,
+                                                               monkeypatch):
     """`lora_forward: segments` (each donor's rows one slice, its delta added by a hook) against PEFT's own
     mixed-batch forward, on the same mixed pool: plain LoRA, rsLoRA with rank and alpha patterns, other target sets,
     a layer subset, bf16 factors; then the same pool beside a donor only PEFT loads (lora_bias), which sends its
@@ -136,7 +138,7 @@ def test_segmented_slots_give_the_rows_peft_mixed_batches_give(base_dir, variety
             out.append({s.donor: s for s in backend.score(reqs, sample)})
         return out
 
-    fast = scores("segments")
+    fast = scores(slot_forward)
     used = len(calls)
     slow = scores("peft")
     assert used > 0 and len(calls) == used, "segments ran for slot donors only, and never with lora_forward: peft"
@@ -145,3 +147,28 @@ def test_segmented_slots_give_the_rows_peft_mixed_batches_give(base_dir, variety
             ref = slow_call[donor]
             assert s.error is None and ref.error is None, (donor, s.error, ref.error)
             assert abs(s.loss - ref.loss) < 1e-6 and s.n_correct == ref.n_correct and s.n_tokens == ref.n_tokens, donor
+
+
+def test_grouped_segments_give_the_rows_the_per_donor_loop_gives(base_dir, variety, sample, monkeypatch):
+    """A mixed pass of several slot donors over one chunk adds every donor's delta with two batched matmuls per
+    layer; against the per-segment loop on the same mixed pool (plain LoRA, rsLoRA with patterns, other target sets,
+    a layer subset, bf16 factors). The spy proves the grouped path ran."""
+    slot_only = [n for n in variety if n != "lora_bias"]
+    reqs = [DonorRequest(name, str(variety[name][0]), i + 1) for i, name in enumerate(slot_only)]
+    grouped = []
+    original = LoraSlots._add_grouped
+    monkeypatch.setattr(LoraSlots, "_add_grouped", lambda self, *a: (grouped.append(1), original(self, *a))[1])
+
+    def scores(forward: str) -> dict:
+        backend = HFBackend(str(base_dir), HFOptions(max_resident=8, batch_tokens=512, passes="mixed",
+                                                     lora_forward=forward))
+        return {s.donor: s for s in backend.score(reqs, sample)}
+
+    fast = scores("grouped")
+    used = len(grouped)
+    loop = scores("segments")
+    assert used > 0 and len(grouped) == used, "the grouped path ran, and only when asked"
+    for donor, s in fast.items():
+        ref = loop[donor]
+        assert s.error is None and ref.error is None, (donor, s.error, ref.error)
+        assert abs(s.loss - ref.loss) < 1e-6 and s.n_correct == ref.n_correct and s.n_tokens == ref.n_tokens, donor
