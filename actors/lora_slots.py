@@ -111,7 +111,8 @@ class LoraSlots:
     def _add_grouped(self, module, x: torch.Tensor, out: torch.Tensor) -> None:
         """Every segment at once, when they have equal lengths and lie back to back (a pass of several donors over
         one chunk of the sample): the slots' factors stacked, two batched matmuls per layer instead of two per
-        donor. On the tiny world the per-donor loop was a quarter of a donor's scoring time, most of it dispatch."""
+        donor, so a pass launches as many kernels whatever its donors. On the CPU tiny world it scored at the
+        per-segment loop's speed (bench/bench_roofline.py); it is meant for passes of many donors on a GPU."""
         names = [slot for slot, _, _ in self._segments]
         n = len(names)
         a = torch.stack([module.lora_A[slot].weight for slot in names])  # (n, r, d_in)
