@@ -75,17 +75,27 @@ def _pip_that_accepts_it() -> list[str]:
                       "set MASHUP_BIGBENCH_PIP to a python whose pip is 23.x, e.g. a venv with pip==23.2.1")
 
 
+class SdistUnavailable(ConfigError):
+    """The package index did not give the sdist (on 2026-12-07 PyPI answered "This package version is not
+    available" for bigbench 1.0.0, which it had served until 2026-12-04): the world cannot be built here."""
+
+
 def ensure_sdist(cache: Path = CACHE) -> Path:
     """The sdist in the cache, downloaded when absent (about 16-30 s) and checked against its recorded sha256, so
-    every machine builds its world from the same bytes. The check result is stamped, not recomputed each time."""
+    every machine builds its world from the same bytes. The check result is stamped, not recomputed each time.
+    A copy obtained elsewhere works too: put it at `<cache>/bigbench-1.0.0.tar.gz`; the sha256 decides."""
     path = cache / SDIST
     stamp = cache / (SDIST + ".sha256")
     if path.exists() and stamp.exists() and stamp.read_text().strip() == f"{SDIST_SHA256} {path.stat().st_size}":
         return path
     if not path.exists():
         cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run([*_pip_that_accepts_it(), "download", "--no-deps", "bigbench==1.0.0",
-                        "-d", str(cache)], check=True, capture_output=True)
+        got = subprocess.run([*_pip_that_accepts_it(), "download", "--no-deps", "bigbench==1.0.0", "-d", str(cache)],
+                             capture_output=True, text=True)
+        if got.returncode or not path.exists():
+            why = next((ln for ln in reversed(got.stderr.splitlines()) if ln.startswith("ERROR")), "no ERROR line")
+            raise SdistUnavailable(f"could not download bigbench==1.0.0 from the package index ({why.strip()}); put "
+                                   f"a copy of {SDIST} (sha256 {SDIST_SHA256[:12]}…) at {path}")
     digest = sha256_of(path)
     if digest != SDIST_SHA256:
         raise ConfigError(f"{path}: sha256 {digest} is not the recorded {SDIST_SHA256}; delete it to download again")

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def test_ci_scale_completes_and_refuses_the_broken_donors(tmp_path, ray_local, monkeypatch):
+def test_ci_scale_completes_and_refuses_the_broken_donors(tmp_path, ray_local, monkeypatch, bigbench_sdist):
     from bench.bench_bigbench import load_config, run_bigbench
 
     monkeypatch.chdir(REPO)  # the model and world caches are repo-relative, shared with `--scale ci`

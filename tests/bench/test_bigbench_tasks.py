@@ -13,7 +13,7 @@ TASKS = ["linguistic_mappings/past_tense_json", "goal_step_wikihow/step_inferenc
 
 
 @pytest.fixture(scope="module")
-def files():
+def files(bigbench_sdist):
     return B.task_files(TASKS)  # one pass over the cached sdist for whatever is not yet extracted
 
 
@@ -63,3 +63,16 @@ def test_splits_are_disjoint_and_deterministic(files):
 def test_families_outside_the_allowed_list_are_refused_by_name():
     with pytest.raises(ConfigError, match="bbq_lite_json"):
         B.task_files(["bbq_lite_json/age_ambig", "arithmetic/2_digit_addition"])
+
+
+def test_an_sdist_the_index_no_longer_serves_is_one_line_naming_the_fix(tmp_path, monkeypatch):
+    """What a machine sees since the index stopped serving bigbench 1.0.0: pip's own ERROR line and where to put a
+    copy, as a ConfigError (one line in the CLI), never a CalledProcessError traceback."""
+    import sys
+
+    fake_pip = [sys.executable, "-c", "import sys; print('ERROR: No matching distribution found for bigbench==1.0.0', "
+                                      "file=sys.stderr); sys.exit(1)"]
+    monkeypatch.setattr(B, "_pip_that_accepts_it", lambda: fake_pip)
+    with pytest.raises(B.SdistUnavailable, match=r"No matching distribution found.*put a copy of bigbench-1\.0\.0"):
+        B.ensure_sdist(tmp_path)
+    assert isinstance(B.SdistUnavailable("x"), ConfigError)
