@@ -105,7 +105,8 @@ class DonorScorer:
     def _prepare(self, task: ScoreTask, fetched: dict[str, str | BaseException]) -> tuple[DonorRequest, ScoreTask]:
         """The request for one donor, and its task as scored: a Hub donor's path and revision name the commit
         this node's cache actually holds, which is what its row records."""
-        from engine.core.adapter import WEIGHTS_FILE, fingerprint, read_weights, stat_signature
+        from engine.core.adapter import WEIGHTS_FILE, fingerprint, stat_signature
+        from engine.core.weights import read_weights
         from engine.core.hub import HubRef, hub_error, snapshot_commit
         from engine.core.validate import check_finite_weights, validate_donor
 

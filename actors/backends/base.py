@@ -24,7 +24,7 @@ class DonorRequest:
     donor: str
     path: str
     int_id: int
-    # the weights already read by the scorer (engine.core.adapter.read_weights), so the backend does not read again
+    # the weights already read by the scorer (engine.core.weights.read_weights), so the backend does not read again
     tensors: dict | None = field(default=None, compare=False, repr=False)
 
     @property

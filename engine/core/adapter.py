@@ -2,9 +2,9 @@
 
 Modelled on vLLM's `PEFTHelper`: every other module (validation, the merge, the LoRA slots, the vLLM backend,
 finetuning, the score store's resume key) asks this module for the file names, the bounded safetensors header,
-the key grammar, the config, the per-module rank and scale, and the content fingerprint. Tensor data is read only
-by `fingerprint` (which hashes bytes) and `read_weights` / `tensors_from_bytes` (views over a checked header);
-nothing is ever unpickled.
+the key grammar, the config, the per-module rank and scale, and the content fingerprint. Nothing here reads
+tensor data except `fingerprint` (which hashes bytes, never unpickles); `engine/core/weights.py` reads a small
+weights file once, as views over a header checked here.
 
 Per-module rank and alpha follow PEFT exactly: a module's `rank_pattern`/`alpha_pattern` entry is found with
 PEFT's own `get_pattern_key` (a pattern matches a module whose dotted name ends with it), and the scale is
@@ -91,10 +91,10 @@ def read_header_bytes(path: str | Path) -> tuple[bytes, int]:
 
 def parse_header(raw: bytes, data_size: int) -> dict[str, TensorInfo]:
     """key → TensorInfo, after checking that every tensor has a known dtype and lies exactly inside the data."""
-    return {key: info for key, info, _ in _checked_entries(raw, data_size)}
+    return {key: info for key, info, _ in header_entries(raw, data_size)}
 
 
-def _checked_entries(raw: bytes, data_size: int) -> list[tuple[str, TensorInfo, int]]:
+def header_entries(raw: bytes, data_size: int) -> list[tuple[str, TensorInfo, int]]:
     """(key, TensorInfo, start offset in the data) of every tensor, each checked to lie exactly inside the data."""
     try:
         header = json.loads(raw)
@@ -345,72 +345,6 @@ def sha256_file(path: str | Path) -> str:
             return hashlib.sha256().hexdigest()
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             return hashlib.sha256(mapped).hexdigest()
-
-
-PRELOAD_MAX_BYTES = 32 << 20  # weights files up to this size are read whole, once (read_weights)
-TORCH_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                     "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-                     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-
-
-@dataclass(frozen=True)
-class LoadedWeights:
-    tensors: dict[str, Any]
-    sha256: str
-
-
-def read_whole(path: str | Path, max_bytes: int = PRELOAD_MAX_BYTES) -> bytearray | None:
-    """A file's bytes in one read into a writable buffer (what `tensors_from_bytes` views), or None when it is
-    larger than `max_bytes` (read such files tensor by tensor, so memory stays bounded)."""
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size > max_bytes:
-            return None
-        data = bytearray(size)
-        if fh.readinto(data) != size:
-            raise ValueError(f"{path} changed size while it was read")
-        return data
-
-
-def tensors_from_bytes(data: bytearray) -> dict[str, Any]:
-    """Every tensor of a safetensors file held in `data`, as views into it: no copy, where safetensors' own
-    `load(bytes)` copies each tensor out of the buffer. The header gets parse_header's checks (dtypes known,
-    every tensor exactly inside the data). A file laid out so that a tensor is
-    not aligned to its element size, or a big-endian host, goes through safetensors' copying loader instead."""
-    import sys
-
-    import torch
-
-    (length,) = struct.unpack_from("<Q", data) if len(data) >= 8 else (None,)
-    if length is None or length > len(data) - 8:
-        raise ValueError("file too short to be safetensors")
-    base = 8 + length
-    views = {}
-    for key, info, offset in _checked_entries(bytes(memoryview(data)[8:base]), len(data) - base):
-        dtype = getattr(torch, TORCH_DTYPE_NAMES[info.dtype])
-        start = base + offset
-        count = math.prod(info.shape)
-        if sys.byteorder != "little" or start % DTYPE_BYTES[info.dtype]:
-            from safetensors.torch import load
-
-            return load(bytes(data))
-        views[key] = (torch.frombuffer(data, dtype=dtype, count=count, offset=start) if count
-                      else torch.empty(0, dtype=dtype)).view(info.shape)
-    return views
-
-
-def read_weights(path: str | Path, max_bytes: int = PRELOAD_MAX_BYTES) -> LoadedWeights | None:
-    """A small weights file read once: its sha256 and its tensors come from the same bytes, so the content a score
-    is keyed by is exactly the content scored, and hashing, the finiteness check and the slot load share one read
-    (the tensors are views into those bytes, never copied out). None for a larger file (hashed by mmap and loaded
-    tensor by tensor, so memory stays bounded) or one that does not parse (validation names what is wrong with it)."""
-    try:
-        data = read_whole(path, max_bytes)
-        if data is None:
-            return None
-        return LoadedWeights(tensors_from_bytes(data), hashlib.sha256(data).hexdigest())
-    except Exception:  # noqa: BLE001 - unreadable or corrupt: the per-tensor path reports it by name
-        return None
 
 
 def combine_fingerprint(config_sha256: str, weights_sha256: str) -> str:

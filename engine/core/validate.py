@@ -112,7 +112,7 @@ def _check_targets(donor: str, cfg: dict, spec: BaseSpec, hint: str) -> None:
 
 
 def check_finite_weights(donor: str, weights: Path, tensors: dict | None = None) -> None:
-    """No NaN or Inf in the donor's floating-point tensors; `tensors` already read (engine.core.adapter.read_weights)
+    """No NaN or Inf in the donor's floating-point tensors; `tensors` already read (engine.core.weights.read_weights)
     are checked in one pass, else the file is read tensor by tensor."""
     import torch
     from safetensors import safe_open

@@ -84,7 +84,7 @@ class DonorReads:
     """
 
     def __init__(self, paths: Sequence[Path], whole: bool, float32: bool = True):
-        from engine.core.adapter import PRELOAD_MAX_BYTES
+        from engine.core.weights import PRELOAD_MAX_BYTES
 
         self.paths = [Path(p) for p in paths]
         self.whole = whole and all(os.path.getsize(p) <= PRELOAD_MAX_BYTES for p in self.paths)
@@ -113,7 +113,7 @@ class DonorReads:
     def _read_whole(self, path: Path) -> dict[str, torch.Tensor] | None:
         """The file's tensors from one read; its bytes are hashed in a thread while the merge adds them (hashlib
         releases the GIL). At most two donors' bytes are alive: the previous hash is awaited before the next starts."""
-        from engine.core.adapter import read_whole, tensors_from_bytes
+        from engine.core.weights import read_whole, tensors_from_bytes
 
         try:
             data = read_whole(path)

@@ -6,6 +6,7 @@ import pytest
 
 import actors.lora_slots
 import engine.core.adapter
+import engine.core.weights
 from actors.scorer import DonorScorer, ScoreTask
 from engine.core.adapter import WEIGHTS_FILE, combine_fingerprint, sha256_file
 from engine.core.data import encode_sample, load_jsonl
@@ -31,7 +32,7 @@ def _forbid(*_args, **_kwargs):
 def test_small_donors_are_read_once_and_keyed_by_the_bytes_scored(base_dir, pool_dir, sample, monkeypatch):
     import safetensors
 
-    reads, real_read, real_sha = [], engine.core.adapter.read_weights, engine.core.adapter.sha256_file
+    reads, real_read, real_sha = [], engine.core.weights.read_weights, engine.core.adapter.sha256_file
 
     def counting_read(path, *args):
         reads.append(str(path))
@@ -44,7 +45,7 @@ def test_small_donors_are_read_once_and_keyed_by_the_bytes_scored(base_dir, pool
     monkeypatch.setattr(actors.lora_slots, "safe_open", _forbid)  # the slot load uses the scorer's tensors
     monkeypatch.setattr(safetensors, "safe_open", _forbid)  # so does the finiteness check
     monkeypatch.setattr(engine.core.adapter, "sha256_file", sha_of_configs_only)
-    monkeypatch.setattr(engine.core.adapter, "read_weights", counting_read)
+    monkeypatch.setattr(engine.core.weights, "read_weights", counting_read)
     scorer = DonorScorer("hf", str(base_dir), {"max_resident": 8}, VALIDATION)
     tasks = _tasks(pool_dir)
     rows = scorer.score([None, *tasks], sample)
@@ -59,7 +60,7 @@ def test_small_donors_are_read_once_and_keyed_by_the_bytes_scored(base_dir, pool
 def test_large_files_take_the_per_tensor_path_and_score_the_same(base_dir, pool_dir, sample, monkeypatch):
     scorer = DonorScorer("hf", str(base_dir), {"max_resident": 8}, VALIDATION)
     once = scorer.score([None, *_tasks(pool_dir)], sample)
-    monkeypatch.setattr(engine.core.adapter.read_weights, "__defaults__", (0,))  # every file is "large"
+    monkeypatch.setattr(engine.core.weights.read_weights, "__defaults__", (0,))  # every file is "large"
     scorer = DonorScorer("hf", str(base_dir), {"max_resident": 8}, VALIDATION)
     per_tensor = scorer.score([None, *_tasks(pool_dir)], sample)
     for a, b in zip(once, per_tensor):

@@ -111,7 +111,7 @@ def test_tensors_from_bytes_equal_safetensors_own_loader_and_copy_nothing(tmp_pa
     import torch
     from safetensors.torch import load, save_file
 
-    from engine.core.adapter import read_whole, tensors_from_bytes
+    from engine.core.weights import read_whole, tensors_from_bytes
 
     path = tmp_path / "w.safetensors"
     save_file({"a": torch.randn(16, 64).bfloat16(), "b": torch.randn(3, 5), "half": torch.randn(2, 2).half(),
