@@ -43,9 +43,9 @@ def read_whole(path: str | Path, max_bytes: int = PRELOAD_MAX_BYTES) -> bytearra
 
 def tensors_from_bytes(data: bytearray) -> dict[str, Any]:
     """Every tensor of a safetensors file held in `data`, as views into it: no copy, where safetensors' own
-    `load(bytes)` copies each tensor out of the buffer. The header gets parse_header's checks (dtypes known,
-    every tensor exactly inside the data). A file laid out so that a tensor is
-    not aligned to its element size, or a big-endian host, goes through safetensors' copying loader instead."""
+    `load(bytes)` copies each tensor out of the buffer. The header gets `header_entries`' checks (dtypes known,
+    every tensor exactly inside the data). A file laid out so that a tensor is not aligned to its element size,
+    or a big-endian host, goes through safetensors' copying loader instead."""
     import sys
 
     import torch

@@ -187,8 +187,8 @@ class DonorHasher:
 class SafetensorsStreamWriter:
     """Writes tensors in a fixed, pre-declared order into a valid safetensors file, one at a time.
 
-    The file's sha256 (`digest`, merge_info.json's `adapter_sha256`) is computed from the bytes as they are
-    written, so the output is never read back. Durability is the caller's: the merge writes inside
+    The file's sha256 (what `close` returns: merge_info.json's `adapter_sha256`) is computed from the bytes as they
+    are written, so the output is never read back. Durability is the caller's: the merge writes inside
     `atomic_output_dir`, whose publish fsyncs every file once before the rename.
     """
 
