@@ -52,6 +52,7 @@ class BenchConfig(RunPlan):
     results: Path = Field(Path("bench/results/recycling.json"), description="summary JSON; .md and _curves.png beside it")
     ray_address: str | None = None
     readme: bool = Field(False, description="rewrite README's benchmark block from these results")
+    readme_block: str = Field("bench-recycling", description="README's <!-- NAME:start/end --> markers to rewrite")
 
     @property
     def world_path(self) -> Path:

@@ -16,9 +16,6 @@ from typing import Any
 from engine.analysis import better, mean_std
 from engine.core.atomic import atomic_write_text
 
-README_BLOCK = "bench-recycling"
-
-
 def _fmt(x: float | None, digits: int = 3) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
@@ -28,9 +25,19 @@ def _pct(x: float | None) -> str:
 
 
 def per_target(runs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """`collect` per target; a choose arm's row also carries its pick and the held-out rows' pick (`chosen`)."""
+    from bench.merge_calls import HeldOut, chosen_summary
     from engine.report import collect
 
-    return {t: collect(rc) for t, rc in runs.items()}
+    data = {}
+    for t, rc in runs.items():
+        data[t] = collect(rc)
+        held = HeldOut(rc.base, rc.out.parent / "heldout.json", margin=0)
+        for row in data[t]["rows"]:
+            arm = next(a for a in rc.arms if a.name == row["arm"])
+            if arm.choose is not None:
+                row["chosen"] = chosen_summary(rc, arm, held, generation=False)
+    return data
 
 
 def average(data: dict[str, dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
@@ -119,7 +126,10 @@ def plot_curves(data: dict[str, dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def render(cfg, avg: list[dict[str, Any]], data: dict[str, dict[str, Any]], curves: Path) -> str:
+def render(cfg, avg: list[dict[str, Any]], data: dict[str, dict[str, Any]], curves: Path,
+           calls: list[dict[str, Any]] = ()) -> str:
+    from bench.merge_calls import render_calls, render_choices
+
     metric = next(iter(data.values()))["metric"]
     unit = "pp" if metric == "accuracy" else "nats"
     scale = 100.0 if metric == "accuracy" else 1.0
@@ -136,6 +146,7 @@ def render(cfg, avg: list[dict[str, Any]], data: dict[str, dict[str, Any]], curv
         lines.append(f"| {r['arm']} | {_shape(r)} | {_fmt(r['step0'])} | {_fmt(r['final'])} ± {_fmt(r['final_std'])} | "
                      f"{r['delta_vs_baseline'] * scale:+.1f} | {_fmt(r['heldout'])} | {r['wins']}/{n} | "
                      f"{_pct(r['parity_pct_mean'])} ({r['parity_reached']}/{n}) | {clock} |")
+    lines += render_calls(list(calls)) + render_choices(data)
     lines += ["", f"![curves]({curves.name})", "", "### Per target", "",
               "| target | arm | LR | step-0 | final ± std | held-out | parity step | wall-clock to parity |",
               "|---|---|---|---|---|---|---|---|"]
@@ -156,17 +167,20 @@ def render(cfg, avg: list[dict[str, Any]], data: dict[str, dict[str, Any]], curv
 
 def write_summary(cfg, runs: dict[str, Any]) -> Path:
     """recycling.json (numbers), recycling.md (tables), recycling_curves.png; the README block when asked."""
+    from bench.merge_calls import merge_calls, recycling_arms
+
     data = per_target(runs)
     avg = average(data, cfg.baseline)
+    calls = merge_calls(data, cfg.baseline, recycling_arms(cfg.arms))
     stem = cfg.results.with_suffix("")
     curves = plot_curves(data, stem.parent / f"{stem.name}_curves.png")
-    text = render(cfg, avg, data, curves)
+    text = render(cfg, avg, data, curves, calls)
     import torch
 
     summary = {
         "date": time.strftime("%Y-%m-%d"), "command": f"python -m bench.bench_recycling --config <config> ({cfg.world})",
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, torch {torch.__version__}",
-        "config": json.loads(cfg.model_dump_json()), "average": avg,
+        "config": json.loads(cfg.model_dump_json()), "average": avg, "merge_calls": calls,
         "targets": {t: {k: v for k, v in d.items() if k not in ("arms", "scores")} for t, d in data.items()},
     }
     atomic_write_text(cfg.results, json.dumps(summary, indent=1, default=str))
@@ -175,5 +189,5 @@ def write_summary(cfg, runs: dict[str, Any]) -> Path:
         from bench.readme import replace_block
 
         table = text.split("### Per target")[0].replace(f"]({curves.name})", f"]({curves.as_posix()})")
-        replace_block(README_BLOCK, f"Measured {summary['date']} on {summary['machine']}.\n\n{table}")
+        replace_block(cfg.readme_block, f"Measured {summary['date']} on {summary['machine']}.\n\n{table}")
     return cfg.results

@@ -44,6 +44,13 @@ def test_bench_smoke_completes_and_writes_tables(smoke_world, tmp_path, ray_loca
     assert (tmp_path / "results" / "recycling_curves.png").stat().st_size > 0
     assert (tmp_path / "runs" / "rev+dropf" / "report.md").exists()
     assert pending_runs(cfg.run_config("rev+dropf")) == []
+    # the choose arm's call is judged, and its pick set against the held-out rows' (issue 23)
+    (call,) = data["merge_calls"]
+    chosen = next(r for r in data["targets"]["rev+dropf"]["rows"] if r["arm"] == "choose")["chosen"]
+    assert call["arm"] == "choose" and call["call"] == chosen["chosen"]
+    assert set(call["recycled_parity_pct"]) == {"mashup", "mwa-top4", "all", "best-1", "top2-cat", "top2-svd"}
+    assert "none" in chosen["heldout_loss"] and len(chosen["heldout_loss"]) == chosen["candidates"] + 1
+    assert "**The merge-or-none call was right on" in table and "held-out rows would pick" in table
 
 
 def test_bad_target_is_named(smoke_world, tmp_path):

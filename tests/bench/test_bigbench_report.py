@@ -100,7 +100,7 @@ def _choose_target(call: str, choose_pct, mashup_pct, scratch_pct=75.0):
 
 
 def test_the_merge_or_none_call_is_judged_by_the_parity_it_buys():
-    from bench.bigbench_report import merge_calls, recycling_arms, render_calls
+    from bench.merge_calls import merge_calls, recycling_arms, render_calls
     from engine.run_config import ArmSpec
 
     arms = [ArmSpec.model_validate(a) for a in ({"name": "scratch", "init": "none"}, {"name": "mashup"},
