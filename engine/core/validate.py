@@ -111,12 +111,19 @@ def _check_targets(donor: str, cfg: dict, spec: BaseSpec, hint: str) -> None:
             raise DonorError(donor, f"target_modules {missing} not found in the base model{hint}")
 
 
-def check_finite_weights(donor: str, weights: Path, tensors: dict | None = None) -> None:
+def check_finite_weights(donor: str, weights: Path, tensors: dict | None = None, flat=None) -> None:
     """No NaN or Inf in the donor's floating-point tensors; `tensors` already read (engine.core.weights.read_weights)
-    are checked in one pass, else the file is read tensor by tensor."""
+    are checked in one pass, else the file is read tensor by tensor. `flat`: every tensor's elements as one view
+    (`LoadedWeights.flat`), checked in one kernel; a tensor that fails is then named by the per-tensor checks."""
     import torch
     from safetensors import safe_open
 
+    # A NaN or an Inf propagates into a sum, so a finite sum means finite weights: one reduction, no mask. A sum
+    # that overflows falls through to the checks below, which decide; float8 (1-byte) factors always go there.
+    if flat is not None and flat.is_floating_point() and flat.element_size() > 1:
+        acc = flat.sum(dtype=torch.float64 if flat.dtype == torch.float64 else torch.float32)
+        if bool(torch.isfinite(acc)):
+            return
     if tensors is not None:
         # one fused norm per donor: NaN and Inf propagate into a norm; only a non-finite norm (which finite weights
         # too large to square could also give) is looked into tensor by tensor

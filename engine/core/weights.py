@@ -6,6 +6,7 @@ the finiteness check, the slot load and the merge all share one read. The header
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -26,6 +27,7 @@ TORCH_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16
 class LoadedWeights:
     tensors: dict[str, Any]
     sha256: str
+    flat: Any = None  # every tensor's elements as one view, when they are of one dtype and tile the data
 
 
 def read_whole(path: str | Path, max_bytes: int = PRELOAD_MAX_BYTES) -> bytearray | None:
@@ -41,31 +43,66 @@ def read_whole(path: str | Path, max_bytes: int = PRELOAD_MAX_BYTES) -> bytearra
         return data
 
 
+@dataclass(frozen=True)
+class _ViewPlan:
+    """How to view one header's tensors in the file: (key, torch dtype, shape, byte start, element count) each, and
+    the dtype of the whole data region when its tensors are of one dtype and tile it back to back (else None)."""
+
+    entries: tuple[tuple[str, Any, tuple[int, ...], int, int], ...]
+    copy: bool  # a tensor not aligned to its element size, or a big-endian host: safetensors' copying loader
+    uniform: Any
+
+
+@functools.lru_cache(maxsize=64)
+def _view_plan(header: bytes, data_size: int) -> _ViewPlan:
+    """`header_entries`' checks and the views' layout, parsed once per distinct header: a pool's donors of one shape
+    share their header bytes exactly, and its JSON parse was a third of reading a small donor. The key is the header
+    and the data's size, all that the plan depends on."""
+    import sys
+
+    import torch
+
+    parsed = header_entries(header, data_size)
+    copy = sys.byteorder != "little" or any((8 + len(header) + offset) % DTYPE_BYTES[info.dtype]
+                                            for _, info, offset in parsed)
+    entries = tuple((key, getattr(torch, TORCH_DTYPE_NAMES[info.dtype]), info.shape, offset, math.prod(info.shape))
+                    for key, info, offset in parsed)
+    end = 0
+    for _, info, offset in sorted(parsed, key=lambda e: e[2]):  # do the tensors tile the data, back to back?
+        end = offset + math.prod(info.shape) * DTYPE_BYTES[info.dtype] if offset == end else -1
+    tiled = bool(parsed) and end == data_size and len({info.dtype for _, info, _ in parsed}) == 1
+    return _ViewPlan(entries, copy, entries[0][1] if tiled and not copy else None)
+
+
 def tensors_from_bytes(data: bytearray) -> dict[str, Any]:
     """Every tensor of a safetensors file held in `data`, as views into it: no copy, where safetensors' own
     `load(bytes)` copies each tensor out of the buffer. The header gets `header_entries`' checks (dtypes known,
     every tensor exactly inside the data). A file laid out so that a tensor is not aligned to its element size,
     or a big-endian host, goes through safetensors' copying loader instead."""
-    import sys
+    return _views(data)[0]
 
+
+def _views(data: bytearray) -> tuple[dict[str, Any], Any]:
+    """`tensors_from_bytes`, and one flat view of the whole data region when its tensors are of one dtype and tile
+    it (what `check_finite_weights` checks in one pass), else None."""
     import torch
 
     (length,) = struct.unpack_from("<Q", data) if len(data) >= 8 else (None,)
     if length is None or length > len(data) - 8:
         raise ValueError("file too short to be safetensors")
     base = 8 + length
-    views = {}
-    for key, info, offset in header_entries(bytes(memoryview(data)[8:base]), len(data) - base):
-        dtype = getattr(torch, TORCH_DTYPE_NAMES[info.dtype])
-        start = base + offset
-        count = math.prod(info.shape)
-        if sys.byteorder != "little" or start % DTYPE_BYTES[info.dtype]:
-            from safetensors.torch import load
+    plan = _view_plan(bytes(memoryview(data)[8:base]), len(data) - base)
+    if plan.copy:
+        from safetensors.torch import load
 
-            return load(bytes(data))
-        views[key] = (torch.frombuffer(data, dtype=dtype, count=count, offset=start) if count
-                      else torch.empty(0, dtype=dtype)).view(info.shape)
-    return views
+        return load(bytes(data)), None
+    views = {key: (torch.frombuffer(data, dtype=dtype, count=count, offset=base + offset) if count
+                   else torch.empty(0, dtype=dtype)).view(shape)
+             for key, dtype, shape, offset, count in plan.entries}
+    flat = None
+    if plan.uniform is not None and len(data) > base:
+        flat = torch.frombuffer(data, dtype=plan.uniform, offset=base)
+    return views, flat
 
 
 def read_weights(path: str | Path, max_bytes: int = PRELOAD_MAX_BYTES) -> LoadedWeights | None:
@@ -77,6 +114,7 @@ def read_weights(path: str | Path, max_bytes: int = PRELOAD_MAX_BYTES) -> Loaded
         data = read_whole(path, max_bytes)
         if data is None:
             return None
-        return LoadedWeights(tensors_from_bytes(data), hashlib.sha256(data).hexdigest())
+        tensors, flat = _views(data)
+        return LoadedWeights(tensors, hashlib.sha256(data).hexdigest(), flat)
     except Exception:  # noqa: BLE001 - unreadable or corrupt: the per-tensor path reports it by name
         return None

@@ -138,3 +138,55 @@ def test_tensors_from_bytes_equal_safetensors_own_loader_and_copy_nothing(tmp_pa
                            else bytearray(struct.pack("<Q", len(raw)) + raw + data[8 + length:]))
     with pytest.raises(ValueError, match="too short"):
         tensors_from_bytes(bytearray(b"\x01\x02"))
+
+
+def test_one_header_parse_serves_every_file_of_that_shape_and_each_file_views_its_own_bytes(tmp_path):
+    """The parse is cached by header bytes (donors of one shape share them): two files with the same header and
+    different weights must each give their own values, and the flat view of the data (one dtype, back to back)
+    holds exactly the tensors' elements; mixed dtypes get no flat view."""
+    import torch
+    from safetensors.torch import save_file
+
+    from engine.core.weights import _view_plan, read_weights
+
+    paths = []
+    for seed in (0, 1):
+        g = torch.Generator().manual_seed(seed)
+        paths.append(tmp_path / f"w{seed}.safetensors")
+        save_file({"x.lora_A.weight": torch.randn(4, 8, generator=g), "x.lora_B.weight": torch.randn(8, 4, generator=g)},
+                  str(paths[-1]))
+    assert paths[0].read_bytes()[:64] == paths[1].read_bytes()[:64]  # the same header
+    _view_plan.cache_clear()
+    first, second = read_weights(paths[0]), read_weights(paths[1])
+    assert _view_plan.cache_info().hits == 1
+    for path, loaded in ((paths[0], first), (paths[1], second)):
+        from safetensors.torch import load_file
+
+        want = load_file(str(path))
+        assert all(torch.equal(loaded.tensors[k], want[k]) for k in want)
+        assert torch.equal(loaded.flat, torch.cat([want[k].flatten() for k in sorted(want)]))
+    assert not torch.equal(first.flat, second.flat)
+
+    save_file({"a": torch.randn(4, 4), "b": torch.randn(4, 4).bfloat16()}, str(tmp_path / "mixed.safetensors"))
+    assert read_weights(tmp_path / "mixed.safetensors").flat is None
+
+
+def test_the_flat_finiteness_check_names_the_tensor_and_keeps_huge_finite_weights(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from engine.core.validate import check_finite_weights
+    from engine.core.weights import read_weights
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a.lora_A.weight": torch.full((4, 8), 3e38), "a.lora_B.weight": torch.ones(8, 4)}, str(path))
+    loaded = read_weights(path)  # their sum overflows float32: the per-tensor checks decide, and pass
+    check_finite_weights("d", path, loaded.tensors, loaded.flat)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        tensors = {"a.lora_A.weight": torch.ones(4, 8), "a.lora_B.weight": torch.ones(8, 4)}
+        tensors["a.lora_B.weight"][5, 2] = bad
+        save_file(tensors, str(path))
+        loaded = read_weights(path)
+        assert loaded.flat is not None
+        with pytest.raises(DonorError, match=r"non-finite weights \(NaN/Inf\) in a.lora_B.weight"):
+            check_finite_weights("d", path, loaded.tensors, loaded.flat)
