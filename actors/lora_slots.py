@@ -187,17 +187,24 @@ class LoraSlots:
         if not self.free:
             raise RuntimeError("no free LoRA slot (the LRU should have evicted one)")
         slot = self.free.pop()
+        # Two fused calls for the whole donor, not four small ops per module: zero what the donor leaves (a module
+        # it lacks, the rows past a lower rank), then copy every factor in.
+        zeros, dsts, srcs = [], [], []
         with _tensor_source(folder, tensors) as f:
             for module, layer in self.layers.items():
                 a, b = layer.lora_A[slot].weight, layer.lora_B[slot].weight
-                a.zero_()
-                b.zero_()
                 factors = layout.modules.get(module)
+                if factors is None or factors.rank < self.rank:
+                    zeros += [a, b]
                 if factors is not None:
                     r = factors.rank
-                    a[:r].copy_(f.get_tensor(factors.a_key))
-                    b[:, :r].copy_(f.get_tensor(factors.b_key))
+                    dsts += [a, b] if r == self.rank else [a[:r], b[:, :r]]
+                    srcs += [f.get_tensor(factors.a_key), f.get_tensor(factors.b_key)]
                     layer.scaling[slot] = factors.scale
+            if zeros:
+                torch._foreach_zero_(zeros)
+            if dsts:
+                torch._foreach_copy_(dsts, srcs)
         self.owner[key] = slot
         return slot
 
