@@ -12,7 +12,6 @@ Usage: python -m bench.bench_merge [--sizes 10 100 1000] [--peft-sizes 10 100] [
        -> bench/results/merge.json
 """
 from __future__ import annotations
-from engine.api import merge
 
 import argparse
 import json
@@ -25,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from engine.api import merge
 
 CACHE = Path(".cache/bench_merge")
 RESULTS = Path("bench/results/merge.json")
