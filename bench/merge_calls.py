@@ -120,14 +120,14 @@ def render_calls(calls: list[dict[str, Any]]) -> list[str]:
              "none called, no recycling arm does.", "", "| target | call | parity of the call | scratch's parity | "
              "recycling arms' parity | right |", "|---|---|---|---|---|---|"]
     for c in calls:
-        others = ", ".join(f"{a} {_f(p, 0)}%" for a, p in c["recycled_parity_pct"].items())
-        lines.append(f"| {c['target']} | {c['call']} | {_f(c['parity_pct'], 0)}% | {_f(c['baseline_parity_pct'], 0)}% | "
+        others = ", ".join(f"{a} {_pct(p)}" for a, p in c["recycled_parity_pct"].items())
+        lines.append(f"| {c['target']} | {c['call']} | {_pct(c['parity_pct'])} | {_pct(c['baseline_parity_pct'])} | "
                      f"{others} | {'yes' if c['right'] else 'no'} |")
     return lines
 
 
-def _f(x: Any, d: int = 3) -> str:
-    return "—" if x is None else f"{x:.{d}f}"
+def _pct(x: float | None) -> str:
+    return "never" if x is None else f"{x:.0f}%"
 
 
 def render_choices(data: dict[str, dict]) -> list[str]:

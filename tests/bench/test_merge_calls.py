@@ -17,3 +17,11 @@ def test_choices_count_agreement_with_the_heldout_pick_and_average_the_cost():
 
 def test_no_choose_arm_adds_nothing():
     assert render_choices({"a": {"rows": [{"arm": "scratch"}]}}) == []
+
+
+def test_a_call_that_never_reaches_parity_says_never():
+    from bench.merge_calls import render_calls
+
+    call = {"target": "t", "call": "top1", "merge": True, "right": False, "parity_pct": None,
+            "baseline_parity_pct": 70.0, "recycled_parity_pct": {"mashup": 80.0, "best-1": None}}
+    assert "| t | top1 | never | 70% | mashup 80%, best-1 never | no |" in "\n".join(render_calls([call]))
