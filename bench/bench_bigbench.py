@@ -142,8 +142,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scale", choices=["ci", "cpu", "gpu"], default="ci")
     ap.add_argument("--config", type=Path, help="default: configs/bigbench_<scale>.yaml")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sweep.seeds=[0] targets=[word_unscrambling]")
+    ap.add_argument("--render-only", type=Path, metavar="RESULTS",
+                    help="recompute the derived tables of a saved results JSON and rewrite its .md and README's block")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.render_only:
+        from bench.bigbench_report import rerender
+
+        print(rerender(args.render_only, readme=True))
+        return
     try:
         cfg = load_config(args.config or Path(f"configs/bigbench_{args.scale}.yaml"), args.overrides)
         print(run_bigbench(cfg, None if args.config else args.scale))

@@ -289,3 +289,21 @@ def write_summary(cfg, main: dict, fast: dict, scale: str | None) -> Path:
     if cfg.readme:
         replace_block(README_BLOCK, text.split("### Per target")[0])
     return cfg.results
+
+
+def rerender(results: Path, readme: bool) -> Path:
+    """The tables derived from a saved results JSON (the merge-or-none calls) recomputed from its targets' rows, then
+    its .md and README's block rewritten: for results whose run folders are gone, as they are once the machine that
+    measured them is (the BIG-bench sdist can no longer be downloaded to measure them again)."""
+    from engine.run_config import ArmSpec
+
+    s = json.loads(results.read_text())
+    arms = [ArmSpec.model_validate(a) for a in s["config"]["arms"]]
+    s["merge_calls"] = merge_calls(s["targets"], s["config"]["baseline"], recycling_arms(arms))
+    atomic_write_text(results, json.dumps(s, indent=1, default=str))
+    text = render(s)
+    atomic_write_text(results.with_suffix(".md"), text)
+    if readme:
+        replace_block(README_BLOCK, text.split("### Per target")[0])
+    return results
+

@@ -117,3 +117,20 @@ def test_the_merge_or_none_call_is_judged_by_the_parity_it_buys():
     text = "\n".join(render_calls(merge_calls(data, "scratch", ["mashup"])))
     assert "**The merge-or-none call was right on 2 of 4 targets** (2 called none)" in text
     assert "| none-wrong | none | 75% | 75% | mashup 25% | no |" in text
+
+
+def test_saved_results_get_their_merge_calls_without_their_run_folders(tmp_path):
+    """`--render-only`: the committed results (measured before the call was judged, their runs gone) get the
+    merge-or-none table from their own rows: on both measured targets the choose arm reached parity before scratch."""
+    from pathlib import Path
+
+    from bench.bigbench_report import rerender
+
+    saved = json.loads((Path(__file__).parents[2] / "bench" / "results" / "bigbench.json").read_text())
+    saved.pop("merge_calls", None)
+    results = tmp_path / "bigbench.json"
+    results.write_text(json.dumps(saved))
+    rerender(results, readme=False)
+    calls = json.loads(results.read_text())["merge_calls"]
+    assert [(c["arm"], c["merge"]) for c in calls] == [("choose", True)] * len(saved["targets"])
+    assert "**The merge-or-none call was right on" in (tmp_path / "bigbench.md").read_text()
