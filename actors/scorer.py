@@ -131,7 +131,8 @@ class DonorScorer:
         weights = Path(folder) / WEIGHTS_FILE
         loaded = read_weights(weights)  # small files: one read for the hash, the check and the slot load
         if check:
-            check_finite_weights(entry.donor, weights, loaded.tensors if loaded else None, loaded.flat if loaded else None)
+            tensors, flat = (loaded.tensors, loaded.flat) if loaded else (None, None)
+            check_finite_weights(entry.donor, weights, tensors, flat)
         self.identity[entry.donor] = {"donor_sha256": fingerprint(folder, loaded.sha256 if loaded else None),
                                       "donor_stat": stat}
         return DonorRequest(entry.donor, str(folder), task.int_id, tensors=loaded.tensors if loaded else None), task

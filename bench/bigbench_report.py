@@ -266,9 +266,10 @@ def write_summary(cfg, main: dict, fast: dict, scale: str | None) -> Path:
     base = world["base"]
     key = result_key(cfg, world)
     stamp = {"key": key, "date": time.strftime("%Y-%m-%d"), "machine": machine(), "commit": _commit()}
-    data = {}
+    data, helds = {}, {}  # one evaluator per cache file: every target shares the world's base, loaded once
     for t, rc in main.items():
-        held = HeldOut(base, rc.out.parent / "heldout.json", cfg.exact_match_margin)
+        cache = rc.out.parent / "heldout.json"
+        held = helds.get(cache) or helds.setdefault(cache, HeldOut(base, cache, cfg.exact_match_margin))
         data[t] = {**target_rows(cfg, t, rc, fast.get(t), world, held), **stamp}
     world_targets = world["spec"]["targets"]
     data.update(carried_targets(cfg.results, key, world_targets, set(data)))

@@ -29,10 +29,11 @@ def per_target(runs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     from bench.merge_calls import HeldOut, chosen_summary
     from engine.report import collect
 
-    data = {}
+    data, helds = {}, {}  # one evaluator per base and cache file: the targets of a world share one base, loaded once
     for t, rc in runs.items():
         data[t] = collect(rc)
-        held = HeldOut(rc.base, rc.out.parent / "heldout.json", margin=0)
+        key = (rc.base, rc.out.parent / "heldout.json")
+        held = helds.get(key) or helds.setdefault(key, HeldOut(*key, margin=0))
         for row in data[t]["rows"]:
             arm = next(a for a in rc.arms if a.name == row["arm"])
             if arm.choose is not None:
